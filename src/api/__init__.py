@@ -1,0 +1,1 @@
+"""HTTP routes, one blueprint per group of the Tinker API. Each route parses, hands off, answers."""

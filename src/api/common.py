@@ -1,0 +1,38 @@
+"""Helpers shared by the route modules: the worker handle, JSON bodies, future answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app, g, request
+
+from ..auth import Caller
+from ..backends import UserInputError
+from ..worker import Worker
+
+
+def worker() -> Worker:
+    return current_app.extensions["tink.worker"]
+
+
+def caller() -> Caller:
+    """Who is calling (set by the app's authentication hook)."""
+    return g.caller
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object, or a 400 naming `body` (malformed JSON, wrong type)."""
+    body = request.get_json(silent=True)
+    if body is None:
+        raise UserInputError("request body must be valid JSON (Content-Type: application/json)", "body")
+    if not isinstance(body, dict):
+        raise UserInputError("request body must be a JSON object", "body")
+    return body
+
+
+def future(request_id: str, model_id: str | None = None) -> dict[str, Any]:
+    """The SDK's `UntypedAPIFuture`."""
+    answer: dict[str, Any] = {"request_id": request_id}
+    if model_id is not None:
+        answer["model_id"] = model_id
+    return answer

@@ -1,0 +1,74 @@
+"""Training clients: create a LoRA model, forward(_backward), optim_step, unload, get_info."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request
+from tinker import types as sdk
+
+from ..backends import AdamParams, LoraSpec, UserInputError
+from ..wire import (
+    PROTO_CONTENT_TYPE,
+    decode_forward_backward_json,
+    decode_forward_backward_proto,
+    parse_json,
+)
+from .common import caller, future, json_body, worker
+
+bp = Blueprint("training", __name__, url_prefix="/api/v1")
+
+
+@bp.post("/create_model")
+def create_model():
+    req = parse_json(sdk.CreateModelRequest, json_body())
+    if req.optimizer_config.type != "adamw":
+        raise UserInputError(
+            f"optimizer {req.optimizer_config.type!r} is not supported; use adamw", "optimizer_config.type")
+    lora = req.lora_config or sdk.LoraConfig(rank=32)
+    spec = LoraSpec(rank=lora.rank, seed=lora.seed, train_attn=lora.train_attn,
+                    train_mlp=lora.train_mlp, train_unembed=lora.train_unembed)
+    request_id, model_id = worker().create_model(
+        caller(), req.session_id, req.model_seq_id, req.base_model, spec, req.user_metadata)
+    return jsonify(future(request_id, model_id))
+
+
+@bp.post("/get_info")
+def get_info():
+    req = parse_json(sdk.GetInfoRequest, json_body())
+    return jsonify(worker().info(caller(), req.model_id))
+
+
+@bp.post("/forward_backward")
+def forward_backward():
+    if PROTO_CONTENT_TYPE in (request.content_type or ""):
+        if request.headers.get("Content-Encoding"):
+            raise UserInputError("compressed bodies are not accepted; the worker's client config "
+                                 "disables proto_compress_fwdbwd", "Content-Encoding")
+        call = decode_forward_backward_proto(request.get_data())
+    else:
+        call = decode_forward_backward_json(json_body(), forward_only=False)
+    return jsonify(future(worker().forward_backward(caller(), call), call.model_id))
+
+
+@bp.post("/forward")
+def forward():
+    """JSON-only forward pass (no gradients) for plain HTTP clients."""
+    call = decode_forward_backward_json(json_body(), forward_only=True)
+    return jsonify(future(worker().forward_backward(caller(), call), call.model_id))
+
+
+@bp.post("/optim_step")
+def optim_step():
+    req = parse_json(sdk.OptimStepRequest, json_body())
+    p = req.optim_params
+    if not isinstance(p, sdk.AdamParams):
+        raise UserInputError(f"optimizer {getattr(p, 'type', '?')!r} is not supported; send adam_params",
+                             "optimizer_params")
+    params = AdamParams(learning_rate=p.learning_rate, beta1=p.beta1, beta2=p.beta2, eps=p.eps,
+                        weight_decay=p.weight_decay, grad_clip_norm=p.grad_clip_norm)
+    return jsonify(future(worker().optim_step(caller(), req.model_id, params), req.model_id))
+
+
+@bp.post("/unload_model")
+def unload_model():
+    req = parse_json(sdk.UnloadModelRequest, json_body())
+    return jsonify(future(worker().unload_model(caller(), req.model_id), req.model_id))

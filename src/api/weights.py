@@ -1,0 +1,99 @@
+"""Checkpoints: save (training state or sampler adapter), load, list."""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+from flask import Blueprint, jsonify
+from tinker import types as sdk
+
+from ..backends import UserInputError
+from ..checkpoints import KIND_SEGMENTS
+from ..wire import parse_json
+from .common import caller, future, json_body, worker
+
+bp = Blueprint("weights", __name__, url_prefix="/api/v1")
+
+
+@bp.post("/save_weights")
+def save_weights():
+    req = parse_json(sdk.SaveWeightsRequest, json_body())
+    rid = worker().save_weights(caller(), req.model_id, req.path, req.overwrite, req.user_metadata)
+    return jsonify(future(rid, req.model_id))
+
+
+@bp.post("/save_weights_for_sampler")
+def save_weights_for_sampler():
+    req = parse_json(sdk.SaveWeightsForSamplerRequest, json_body())
+    if req.kind != "snapshot":
+        raise UserInputError("only kind='snapshot' sampling clients are supported", "kind")
+    rid = worker().save_weights_for_sampler(caller(), req.model_id, req.path, req.user_metadata)
+    return jsonify(future(rid, req.model_id))
+
+
+@bp.post("/load_weights")
+def load_weights():
+    req = parse_json(sdk.LoadWeightsRequest, json_body())
+    w = worker()
+    if req.model_id is not None:
+        return jsonify(future(w.load_weights(caller(), req.model_id, req.path, req.optimizer), req.model_id))
+    if req.session_id is None:
+        raise UserInputError("load_weights needs model_id, or session_id and model_seq_id", "model_id")
+    rid, model_id = w.create_model_from_state(
+        caller(), req.session_id, req.model_seq_id or 0, req.path, req.optimizer, req.user_metadata)
+    return jsonify(future(rid, model_id))
+
+
+@bp.get("/training_runs")
+def list_training_runs():
+    """The caller's training runs (every run for an admin key)."""
+    c = caller()
+    w = worker()
+    runs = [_training_run(w, m) for m in w.store.list_models(None if c.admin else c.owner)]
+    return jsonify({"training_runs": runs, "cursor": {"offset": 0, "limit": len(runs), "total_count": len(runs)}})
+
+
+@bp.get("/training_runs/<model_id>")
+def training_run(model_id: str):
+    w = worker()
+    return jsonify(_training_run(w, w.model_record(caller(), model_id)))
+
+
+def _training_run(w, record: dict) -> dict:
+    model_id = record["model_id"]
+    checkpoints = w.store.list_checkpoints(model_id)
+    return {
+        "training_run_id": model_id,
+        "base_model": record["base_model"],
+        "model_owner": record["session_id"] or "",
+        "is_lora": True,
+        "lora_rank": record["lora"]["rank"],
+        "last_request_time": _iso(record["created_at"]),
+        "last_checkpoint": next((_checkpoint(c) for c in reversed(checkpoints) if c["kind"] == "training"), None),
+        "last_sampler_checkpoint": next(
+            (_checkpoint(c) for c in reversed(checkpoints) if c["kind"] == "sampler"), None),
+    }
+
+
+@bp.get("/training_runs/<model_id>/checkpoints")
+def list_checkpoints(model_id: str):
+    w = worker()
+    w.model_record(caller(), model_id)
+    return jsonify({"checkpoints": [_checkpoint(c) for c in w.store.list_checkpoints(model_id)]})
+
+
+def _checkpoint(row: dict) -> dict:
+    path: str = row["tinker_path"]
+    return {
+        "checkpoint_id": f"{KIND_SEGMENTS[row['kind']]}/{path.rsplit('/', 1)[-1]}",
+        "checkpoint_type": row["kind"],
+        "time": _iso(row["created_at"]),
+        "tinker_path": path,
+        "size_bytes": row["size_bytes"],
+    }
+
+
+def _iso(ts: float) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat()

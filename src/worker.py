@@ -1,0 +1,380 @@
+"""The worker: turns validated requests into ordered, durable operations on the backends.
+
+`Worker` owns one trainer (HF PEFT by default) and one sampler (vLLM or HF generate),
+chosen from the config by `src/registry.py`. Every mutating call returns a request id at
+once (a future, see `scheduling.py`); the app answers `retrieve_future` from the store.
+
+    >>> worker = Worker.from_config(Config.from_env())
+    >>> rid, model_id = worker.create_model(caller, session_id, 0, worker.base_model, LoraSpec(rank=8), None)
+    >>> worker.scheduler.wait(rid, timeout=30).status
+    'done'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .auth import Caller
+from .backends import (
+    AdamParams,
+    AdapterRef,
+    LoraSpec,
+    SampleJob,
+    Sampler,
+    Trainer,
+    UserInputError,
+)
+from .checkpoints import TinkerPath, check_name, directory_for, write_atomically
+from .config import EMBEDDED_MODEL, Config
+from .losses import LOSS_FUNCTIONS, validate_inputs
+from .scheduling import Outcome, Scheduler
+from .store import Store
+from .wire import (
+    FWD_BWD_KIND,
+    SAMPLE_KIND,
+    ForwardBackwardCall,
+    encode_forward_backward_output,
+    encode_sample_response,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NotFoundError(UserInputError):
+    """An id (model, checkpoint, future, sampling session) the worker does not know: HTTP 404."""
+
+
+def _json(obj: dict[str, Any]) -> Outcome:
+    return Outcome("json", json.dumps(obj).encode())
+
+
+class Worker:
+    def __init__(self, config: Config, trainer: Trainer, sampler: Sampler, store: Store):
+        self.config = config
+        self.trainer = trainer
+        self.sampler = sampler
+        self.store = store
+        self.base_model = trainer.base_model
+        self.scheduler = Scheduler(store, config.sampling_threads)
+        self._restore_lock = threading.Lock()
+        failed = store.fail_unfinished()
+        if failed:
+            log.warning("%d operations were unfinished at the last shutdown; they are now failed", failed)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Worker:
+        from .registry import build_sampler, build_trainer
+
+        base_model = config.resolved_base_model()
+        trainer = build_trainer(config, base_model)
+        sampler = build_sampler(config, base_model)
+        return cls(config, trainer, sampler, Store(config.database_path))
+
+    def close(self) -> None:
+        """Finish queued work within the configured grace period, then release the backends."""
+        self.scheduler.shutdown(self.config.shutdown_grace_s)
+        self.sampler.close()
+        self.store.close()
+
+    # ------------------------------------------------------------------ identity
+
+    def served_model(self, name: str | None, field: str = "base_model") -> str:
+        """Map a requested base model name to the one this worker serves (or a 4xx)."""
+        if name in (self.base_model, EMBEDDED_MODEL, self.config.base_model):
+            return self.base_model
+        raise UserInputError(
+            f"{field} {name!r} is not served by this worker; it serves {self.base_model!r}", field
+        )
+
+    def capabilities(self) -> dict[str, Any]:
+        return {
+            "supported_models": [
+                {"model_name": self.base_model, "trainable": True, "sampleable": True,
+                 "max_context_length": self.config.max_tokens_per_datum}
+            ]
+        }
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "trainer": self.trainer.name, "sampler": self.sampler.health()}
+
+    def model_record(self, caller: Caller, model_id: str, field: str = "model_id") -> dict[str, Any]:
+        """The model's record if it exists, is loaded and belongs to `caller`; else a 404."""
+        record = self.store.get_model(model_id) if isinstance(model_id, str) else None
+        if record is None or record["unloaded"] or not caller.may_see(record["owner"]):
+            raise NotFoundError(f"unknown model_id {model_id!r}", field)
+        return record
+
+    def info(self, caller: Caller, model_id: str) -> dict[str, Any]:
+        record = self.model_record(caller, model_id)
+        return {
+            "type": "get_info",
+            "model_id": model_id,
+            "model_data": {"arch": "causal_lm", "model_name": record["base_model"], "tokenizer_id": record["base_model"]},
+            "is_lora": True,
+            "lora_rank": record["lora"]["rank"],
+            "model_name": record["base_model"],
+        }
+
+    # ------------------------------------------------------------------ training operations
+
+    def create_model(
+        self, caller: Caller, session_id: str | None, model_seq_id: int, base_model: str, spec: LoraSpec,
+        user_metadata: Any,
+    ) -> tuple[str, str]:
+        """Register a new LoRA training run; returns (request_id, model_id)."""
+        base = self.served_model(base_model)
+        if spec.rank > self.config.max_lora_rank:
+            raise UserInputError(
+                f"lora_config.rank {spec.rank} exceeds this worker's limit {self.config.max_lora_rank}",
+                "lora_config.rank",
+            )
+        if self.store.count_models() >= self.config.max_adapters:
+            raise UserInputError(
+                f"this worker already holds {self.config.max_adapters} models (TINK_MAX_ADAPTERS); "
+                "unload one first", "base_model")
+        if self.store.count_models(caller.owner) >= self.config.max_adapters_per_key:
+            raise UserInputError(
+                f"this API key already holds {self.config.max_adapters_per_key} models "
+                "(TINK_MAX_ADAPTERS_PER_KEY); unload one first", "base_model")
+        model_id = uuid.uuid4().hex
+        self.store.add_model(model_id, caller.owner, session_id, base, spec.__dict__, user_metadata)
+
+        def run() -> Outcome:
+            self.trainer.create_adapter(model_id, spec)
+            return _json({"type": "create_model", "model_id": model_id})
+
+        return self.scheduler.submit_training("create_model", model_id, caller.owner, run), model_id
+
+    def forward_backward(self, caller: Caller, call: ForwardBackwardCall) -> str:
+        self.model_record(caller, call.model_id)
+        self._validate_batch(call)
+
+        def run() -> Outcome:
+            self._ensure_adapter(call.model_id)
+            result = self.trainer.forward_backward(
+                call.model_id, call.data, call.loss_fn, call.loss_fn_config, call.forward_only
+            )
+            return Outcome(FWD_BWD_KIND, encode_forward_backward_output(result))
+
+        op = "forward" if call.forward_only else "forward_backward"
+        return self.scheduler.submit_training(op, call.model_id, caller.owner, run)
+
+    def _validate_batch(self, call: ForwardBackwardCall) -> None:
+        if call.loss_fn not in LOSS_FUNCTIONS:
+            raise UserInputError(
+                f"unknown loss_fn {call.loss_fn!r}; this worker supports {sorted(LOSS_FUNCTIONS)}", "loss_fn"
+            )
+        if not call.data:
+            raise UserInputError("data must contain at least one datum", "data")
+        if len(call.data) > self.config.max_datums:
+            raise UserInputError(f"{len(call.data)} datums exceed the limit {self.config.max_datums}", "data")
+        vocab = self.trainer.vocab_size()
+        for i, datum in enumerate(call.data):
+            n = len(datum.tokens)
+            if n == 0:
+                raise UserInputError("model_input has no tokens", f"data[{i}].model_input")
+            if n > self.config.max_tokens_per_datum:
+                raise UserInputError(
+                    f"{n} tokens exceed the limit {self.config.max_tokens_per_datum}", f"data[{i}].model_input")
+            bad = [t for t in datum.tokens if not 0 <= t < vocab]
+            if bad:
+                raise UserInputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                                     f"data[{i}].model_input")
+            validate_inputs(call.loss_fn, datum.loss_fn_inputs, n, i, call.loss_fn_config)
+            targets = datum.loss_fn_inputs.get("target_tokens")
+            if targets is not None and ((targets < 0) | (targets >= vocab)).any():
+                raise UserInputError(f"target token ids must be in [0, {vocab})",
+                                     f"data[{i}].loss_fn_inputs.target_tokens")
+
+    def optim_step(self, caller: Caller, model_id: str, params: AdamParams) -> str:
+        self.model_record(caller, model_id)
+        for name in ("learning_rate", "eps", "weight_decay", "grad_clip_norm"):
+            if getattr(params, name) < 0:
+                raise UserInputError(f"{name} must be >= 0", f"adam_params.{name}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(params, name) < 1:
+                raise UserInputError(f"{name} must be in [0, 1)", f"adam_params.{name}")
+
+        def run() -> Outcome:
+            self._ensure_adapter(model_id)
+            metrics = self.trainer.optim_step(model_id, params)
+            return _json({"type": "optim_step", "metrics": metrics})
+
+        return self.scheduler.submit_training("optim_step", model_id, caller.owner, run)
+
+    def save_weights(
+        self, caller: Caller, model_id: str, name: str | None, overwrite: bool, user_metadata: Any
+    ) -> str:
+        self.model_record(caller, model_id)
+        path = TinkerPath(model_id, "training", check_name(name or f"state-{uuid.uuid4().hex[:8]}"))
+
+        def run() -> Outcome:
+            self._ensure_adapter(model_id)
+            self._write_checkpoint(path, lambda d: self.trainer.save_state(model_id, d), overwrite, user_metadata)
+            return _json({"type": "save_weights", "path": str(path)})
+
+        return self.scheduler.submit_training("save_weights", model_id, caller.owner, run)
+
+    def save_weights_for_sampler(self, caller: Caller, model_id: str, name: str | None, user_metadata: Any) -> str:
+        """Export the adapter for sampling. Without a name, also open a sampling session on it."""
+        record = self.model_record(caller, model_id)
+        ephemeral = name is None
+        path = TinkerPath(model_id, "sampler", check_name(name or f"sampler-{uuid.uuid4().hex[:12]}"))
+
+        def run() -> Outcome:
+            self._ensure_adapter(model_id)
+            self._write_checkpoint(path, lambda d: self.trainer.export_adapter(model_id, d), True, user_metadata)
+            answer: dict[str, Any] = {"type": "save_weights_for_sampler", "path": str(path)}
+            if ephemeral:
+                session = f"ss-{uuid.uuid4().hex}"
+                self.store.add_sampling_session(session, record["owner"], record["base_model"], str(path))
+                answer["sampling_session_id"] = session
+            return _json(answer)
+
+        return self.scheduler.submit_training("save_weights_for_sampler", model_id, caller.owner, run)
+
+    def load_weights(self, caller: Caller, model_id: str, path: str, with_optimizer: bool) -> str:
+        self.model_record(caller, model_id)
+        source = self._checkpoint_dir(caller, path, "path")
+
+        def run() -> Outcome:
+            self._ensure_adapter(model_id)
+            self.trainer.load_state(model_id, source, with_optimizer)
+            return _json({"type": "load_weights", "path": path, "model_id": model_id})
+
+        return self.scheduler.submit_training("load_weights", model_id, caller.owner, run)
+
+    def create_model_from_state(
+        self, caller: Caller, session_id: str | None, model_seq_id: int, path: str, with_optimizer: bool,
+        user_metadata: Any,
+    ) -> tuple[str, str]:
+        """`create_training_client_from_state`: a new model whose first operation is a load."""
+        source = self._checkpoint_dir(caller, path, "path")
+        state = json.loads((source / "tink_state.json").read_text()) if (source / "tink_state.json").exists() else {}
+        spec_fields = state.get("lora_spec") or {}
+        if not spec_fields:
+            adapter_config = json.loads((source / "adapter_config.json").read_text())
+            spec_fields = {"rank": int(adapter_config["r"])}
+        spec = LoraSpec(**{k: v for k, v in spec_fields.items() if k in LoraSpec.__dataclass_fields__})
+        request_id, model_id = self.create_model(
+            caller, session_id, model_seq_id, self.base_model, spec, user_metadata)
+
+        def run() -> Outcome:
+            self.trainer.load_state(model_id, source, with_optimizer)
+            return _json({"type": "load_weights", "path": path, "model_id": model_id})
+
+        return self.scheduler.submit_training("load_weights", model_id, caller.owner, run), model_id
+
+    def unload_model(self, caller: Caller, model_id: str) -> str:
+        self.model_record(caller, model_id)
+
+        def run() -> Outcome:
+            if self.trainer.has_adapter(model_id):
+                self.trainer.delete_adapter(model_id)
+            self.store.mark_unloaded(model_id)
+            return _json({"type": "unload_model", "model_id": model_id})
+
+        return self.scheduler.submit_training("unload_model", model_id, caller.owner, run)
+
+    def _write_checkpoint(self, path: TinkerPath, write, overwrite: bool, user_metadata: Any) -> None:
+        target = directory_for(self.config.checkpoint_dir, path)
+        size = write_atomically(target, write, overwrite)
+        self.store.put_checkpoint(str(path), path.model_id, path.kind, target, size, user_metadata)
+
+    def checkpoint_record(self, caller: Caller, path: str, field: str) -> dict[str, Any]:
+        """A checkpoint of one of the caller's models (owned through its model), or a 404."""
+        parsed = TinkerPath.parse(path, field)
+        record = self.store.get_checkpoint(str(parsed))
+        model = self.store.get_model(parsed.model_id)
+        if record is None or model is None or not caller.may_see(model["owner"]) \
+                or not Path(record["directory"]).is_dir():
+            raise NotFoundError(f"no checkpoint at {path!r}", field)
+        return record
+
+    def _checkpoint_dir(self, caller: Caller, path: str, field: str) -> Path:
+        return Path(self.checkpoint_record(caller, path, field)["directory"])
+
+    def _ensure_adapter(self, model_id: str) -> None:
+        """After a restart, bring a known model back: fresh adapter, then its last training checkpoint."""
+        if self.trainer.has_adapter(model_id):
+            return
+        with self._restore_lock:
+            record = self.store.get_model(model_id)
+            if record is None:
+                raise NotFoundError(f"unknown model_id {model_id!r}", "model_id")
+            self.trainer.create_adapter(model_id, LoraSpec(**record["lora"]))
+            saved = [c for c in self.store.list_checkpoints(model_id) if c["kind"] == "training"]
+            if saved:
+                self.trainer.load_state(model_id, Path(saved[-1]["directory"]), True)
+                log.info("restored model %s from %s", model_id, saved[-1]["tinker_path"])
+
+    # ------------------------------------------------------------------ sampling
+
+    def create_sampling_session(self, caller: Caller, base_model: str | None, model_path: str | None) -> str:
+        if model_path is not None:
+            self.adapter_for(caller, model_path, "model_path")
+            base = self.base_model
+        else:
+            base = self.served_model(base_model)
+        session = f"ss-{uuid.uuid4().hex}"
+        self.store.add_sampling_session(session, caller.owner, base, model_path)
+        return session
+
+    def sampling_session(self, caller: Caller, sampling_session_id: str) -> dict[str, Any]:
+        record = self.store.get_sampling_session(sampling_session_id)
+        if record is None or not caller.may_see(record["owner"]):
+            raise NotFoundError(f"unknown sampling_session_id {sampling_session_id!r}", "sampling_session_id")
+        return record
+
+    def adapter_for(self, caller: Caller, model_path: str, field: str = "model_path") -> AdapterRef:
+        record = self.checkpoint_record(caller, model_path, field)
+        rank = json.loads((Path(record["directory"]) / "adapter_config.json").read_text())["r"]
+        # The version makes the name unique per write, so samplers that cache by name never go stale.
+        return AdapterRef(name=f"{record['tinker_path']}@v{record['version']}", path=Path(record["directory"]), rank=rank)
+
+    def resolve_sampling_target(
+        self, caller: Caller, sampling_session_id: str | None, model_path: str | None, base_model: str | None
+    ) -> AdapterRef | None:
+        if sampling_session_id:
+            session = self.sampling_session(caller, sampling_session_id)
+            model_path = session["model_path"]
+            if model_path is None:
+                return None
+        if model_path:
+            return self.adapter_for(caller, model_path)
+        self.served_model(base_model)
+        return None
+
+    def sample(self, caller: Caller, job: SampleJob) -> str:
+        self._validate_sample(job)
+
+        def run() -> Outcome:
+            return Outcome(SAMPLE_KIND, encode_sample_response(self.sampler.sample(job)))
+
+        return self.scheduler.submit_sampling("sample", caller.owner, run)
+
+    def sample_now(self, job: SampleJob):
+        """Synchronous sampling for the plain JSON endpoint (same validation, no future)."""
+        self._validate_sample(job)
+        return self.sampler.sample(job)
+
+    def _validate_sample(self, job: SampleJob) -> None:
+        vocab = self.trainer.vocab_size()
+        bad = [t for t in job.prompt if not 0 <= t < vocab]
+        if bad:
+            raise UserInputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+        if job.num_samples > self.config.max_num_samples:
+            raise UserInputError(
+                f"num_samples {job.num_samples} exceeds the limit {self.config.max_num_samples}", "num_samples")
+        if job.params.max_tokens > self.config.max_sample_tokens:
+            raise UserInputError(
+                f"max_tokens {job.params.max_tokens} exceeds the limit {self.config.max_sample_tokens}",
+                "sampling_params.max_tokens")
+        if len(job.prompt) > self.config.max_tokens_per_datum:
+            raise UserInputError(
+                f"prompt of {len(job.prompt)} tokens exceeds the limit {self.config.max_tokens_per_datum}", "prompt")

