@@ -166,6 +166,7 @@ class SampleJob:
     params: SamplingParams
     adapter: AdapterRef | None = None  # None: the base model
     prompt_logprobs: bool = False
+    prompt_logprobs_last_n: int | None = None  # score only the last N prompt tokens
 
 
 @dataclass

@@ -33,7 +33,7 @@ def run_loop(base_url: str, api_key: str, steps: int, group_size: int = 8, max_t
 
     service = tinker.ServiceClient(base_url=base_url, api_key=api_key)
     base_model = service.get_server_capabilities().supported_models[0].model_name
-    trainer = service.create_lora_training_client(base_model=base_model, rank=16, seed=0)
+    trainer = service.create_lora_training_client(base_model=base_model, rank=16, seed=0).result()
     tokenizer = trainer.get_tokenizer()
     (target_id,) = tokenizer.encode(TARGET)
     prompts = [[tokenizer.bos_token_id] + tokenizer.encode(p) for p in PROMPTS]
@@ -42,7 +42,7 @@ def run_loop(base_url: str, api_key: str, steps: int, group_size: int = 8, max_t
     rewards_per_step: list[float] = []
     bar = tqdm(range(steps), desc="RL steps", disable=quiet, unit="step")
     for step in bar:
-        sampler = trainer.save_weights_and_get_sampling_client()
+        sampler = trainer.save_weights_and_get_sampling_client().result()
         futures = [sampler.sample(types.ModelInput.from_ints(p), group_size, params) for p in prompts]
         data, step_rewards = [], []
         for prompt, fut in zip(prompts, futures):

@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS sampling_sessions (
     owner        TEXT NOT NULL,
     base_model   TEXT NOT NULL,
     model_path   TEXT,
+    clients      INTEGER NOT NULL DEFAULT 0,  -- join_sampling_session hands out 1, 2, ...
     created_at   REAL NOT NULL
 );
 """
@@ -190,13 +191,15 @@ class Store:
 
     def add_model(
         self, model_id: str, owner: str, session_id: str | None, base_model: str, lora: dict, user_metadata: Any
-    ) -> None:
+    ) -> bool:
+        """Insert a model; False if the id is taken (ids come from the client's session and seq id)."""
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO models(model_id, owner, session_id, base_model, lora, user_metadata, created_at) "
-                "VALUES (?,?,?,?,?,?,?)",
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO models(model_id, owner, session_id, base_model, lora, user_metadata, "
+                "created_at) VALUES (?,?,?,?,?,?,?)",
                 (model_id, owner, session_id, base_model, json.dumps(lora), json.dumps(user_metadata), time.time()),
             )
+            return cursor.rowcount == 1
 
     def get_model(self, model_id: str) -> dict[str, Any] | None:
         rows = self._query("SELECT * FROM models WHERE model_id=?", (model_id,))
@@ -271,6 +274,15 @@ class Store:
                 "VALUES (?,?,?,?,?)",
                 (sampling_session_id, owner, base_model, model_path, time.time()),
             )
+
+    def join_sampling_session(self, sampling_session_id: str) -> int:
+        """Allocate the next client number of a sampling session (unique within it, durable)."""
+        with self._tx() as db:
+            db.execute("UPDATE sampling_sessions SET clients = clients + 1 WHERE sampling_session_id=?",
+                       (sampling_session_id,))
+            row = db.execute("SELECT clients FROM sampling_sessions WHERE sampling_session_id=?",
+                             (sampling_session_id,)).fetchone()
+        return int(row[0])
 
     def get_sampling_session(self, sampling_session_id: str) -> dict[str, Any] | None:
         rows = self._query(

@@ -237,11 +237,20 @@ def sample_job_from_request(req: sdk.SampleRequest) -> SampleJob:
     for field, value in unsupported.items():
         if value:
             raise UserInputError(f"{field} is not supported by this worker yet", field)
+    last_n = req.prompt_logprobs_last_n
+    if last_n is not None:
+        if not req.prompt_logprobs:
+            raise UserInputError("prompt_logprobs_last_n requires prompt_logprobs", "prompt_logprobs_last_n")
+        if not 1 <= last_n <= len(prompt) - 1:
+            raise UserInputError(
+                f"prompt_logprobs_last_n must be between 1 and len(prompt) - 1 = {len(prompt) - 1}",
+                "prompt_logprobs_last_n")
     return SampleJob(
         prompt=prompt,
         num_samples=req.num_samples,
         params=sampling_params_from_sdk(req.sampling_params),
         prompt_logprobs=bool(req.prompt_logprobs),
+        prompt_logprobs_last_n=last_n,
     )
 
 

@@ -26,6 +26,7 @@ from .backends import (
     LoraSpec,
     SampleJob,
     Sampler,
+    SampleResult,
     Trainer,
     UserInputError,
 )
@@ -141,8 +142,11 @@ class Worker:
             raise UserInputError(
                 f"this API key already holds {self.config.max_adapters_per_key} models "
                 "(TINK_MAX_ADAPTERS_PER_KEY); unload one first", "base_model")
-        model_id = uuid.uuid4().hex
-        self.store.add_model(model_id, caller.owner, session_id, base, spec.__dict__, user_metadata)
+        # The SDK derives the id itself (create_training_client_from_state never sees a response
+        # naming it), so the server must use the same `{session_id}:train:{model_seq_id}`.
+        model_id = f"{session_id}:train:{model_seq_id}" if session_id else uuid.uuid4().hex
+        if not self.store.add_model(model_id, caller.owner, session_id, base, spec.__dict__, user_metadata):
+            raise UserInputError(f"model {model_id!r} already exists in this session", "model_seq_id")
 
         def run() -> Outcome:
             self.trainer.create_adapter(model_id, spec)
@@ -354,14 +358,21 @@ class Worker:
         self._validate_sample(job)
 
         def run() -> Outcome:
-            return Outcome(SAMPLE_KIND, encode_sample_response(self.sampler.sample(job)))
+            return Outcome(SAMPLE_KIND, encode_sample_response(self._sample(job)))
 
         return self.scheduler.submit_sampling("sample", caller.owner, run)
 
     def sample_now(self, job: SampleJob):
         """Synchronous sampling for the plain JSON endpoint (same validation, no future)."""
         self._validate_sample(job)
-        return self.sampler.sample(job)
+        return self._sample(job)
+
+    def _sample(self, job: SampleJob) -> SampleResult:
+        result = self.sampler.sample(job)
+        if job.prompt_logprobs_last_n and result.prompt_logprobs is not None:
+            keep_from = len(result.prompt_logprobs) - job.prompt_logprobs_last_n
+            result.prompt_logprobs = [None] * keep_from + list(result.prompt_logprobs[keep_from:])
+        return result
 
     def _validate_sample(self, job: SampleJob) -> None:
         vocab = self.trainer.vocab_size()

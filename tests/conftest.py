@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,9 @@ import requests
 from src.tiny_model import ensure_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-API_KEY = "tink-test-key"
-OTHER_KEY = "tink-other-key"  # a second user: must never see the first one's models
-ADMIN_KEY = "tink-admin-key"
+API_KEY = "tml-tink-test-key"
+OTHER_KEY = "tml-tink-other-key"  # a second user: must never see the first one's models
+ADMIN_KEY = "tml-tink-admin-key"
 
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
@@ -123,3 +124,8 @@ def start_worker_process(model_path: Path, state_dir: Path, port: int, **env: st
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     _wait_ready(f"http://127.0.0.1:{port}", proc=proc)
     return proc
+
+
+def new_session() -> str:
+    """A fresh session id: model ids derive from (session_id, model_seq_id), as in the SDK."""
+    return f"test-{uuid.uuid4().hex}"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import requests
 
 from src.auth import KeyRing, fingerprint
 
-from .conftest import ADMIN_KEY, API_KEY, OTHER_KEY
+from .conftest import ADMIN_KEY, API_KEY, OTHER_KEY, new_session
 
 
 def post(server, path: str, key: str, body: dict) -> requests.Response:
@@ -30,7 +32,7 @@ def test_keyring_constant_time_lookup_and_roles():
 
 
 def test_other_key_gets_404_for_everything_of_mine(server):
-    created = post(server, "create_model", API_KEY, {"session_id": "s", "model_seq_id": 0,
+    created = post(server, "create_model", API_KEY, {"session_id": new_session(), "model_seq_id": 0,
                                                      "base_model": server.worker.base_model,
                                                      "lora_config": {"rank": 4}}).json()
     model_id = created["model_id"]
@@ -54,10 +56,16 @@ def test_other_key_gets_404_for_everything_of_mine(server):
                      "sampling_session_id": session["sampling_session_id"]}),
         ("sample", {"model_id": model_id, "prompts": ["hi"]}),
     ]
+    never_existed = "0" * len(model_id)
     for route, body in probes:
         resp = post(server, route, OTHER_KEY, body)
         assert resp.status_code == 404, (route, resp.status_code, resp.text)
-        assert model_id not in resp.text or route == "sample" or "unknown" in resp.text
+        # Indistinguishable from an id that never existed, so ids cannot be probed.
+        if route not in ("retrieve_future", "asample") or "model_path" in body:
+            ghost = json.loads(json.dumps(body).replace(model_id, never_existed))
+            ghost_resp = post(server, route, OTHER_KEY, ghost)
+            assert ghost_resp.status_code == 404
+            assert ghost_resp.json() == json.loads(resp.text.replace(model_id, never_existed)), route
     other_runs = requests.get(f"{server.url}/api/v1/training_runs", headers={"X-API-Key": OTHER_KEY}, timeout=10)
     assert model_id not in {r["training_run_id"] for r in other_runs.json()["training_runs"]}
     admin_runs = requests.get(f"{server.url}/api/v1/training_runs", headers={"X-API-Key": ADMIN_KEY}, timeout=10)

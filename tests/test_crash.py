@@ -10,7 +10,7 @@ import numpy as np
 import requests
 from safetensors.numpy import load_file
 
-from .conftest import API_KEY, free_port, start_worker_process
+from .conftest import API_KEY, free_port, new_session, start_worker_process
 
 HEADERS = {"X-API-Key": API_KEY}
 CLIENTS = 4
@@ -64,7 +64,7 @@ def test_kill_9_loses_no_acknowledged_future_and_restores_last_checkpoint(tiny_m
     try:
         models = []
         for i in range(CLIENTS):
-            created = post(url, "create_model", {"session_id": "s", "model_seq_id": i,
+            created = post(url, "create_model", {"session_id": new_session(), "model_seq_id": i,
                                                  "base_model": str(tiny_model_path), "lora_config": {"rank": 4}})
             result(url, created["request_id"])
             models.append(created["model_id"])

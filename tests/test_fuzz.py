@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import API_KEY
+from .conftest import API_KEY, new_session
 
 HEADERS = {"X-API-Key": API_KEY}
 _model: dict[str, str] = {}
@@ -31,7 +32,7 @@ def datum(draw):
 def model_id(server) -> str:
     if "id" not in _model:
         created = requests.post(f"{server.url}/api/v1/create_model", headers=HEADERS, timeout=30, json={
-            "session_id": "s", "model_seq_id": 0, "base_model": server.worker.base_model,
+            "session_id": new_session(), "model_seq_id": 0, "base_model": server.worker.base_model,
             "lora_config": {"rank": 2}}).json()
         requests.post(f"{server.url}/api/v1/retrieve_future", headers=HEADERS, timeout=30,
                       json={"request_id": created["request_id"]})
@@ -44,7 +45,9 @@ def model_id(server) -> str:
        loss_fn=st.sampled_from(["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "bogus"]))
 def test_random_datums_train_or_get_4xx(server, data, loss_fn):
     body = {"model_id": model_id(server), "forward_backward_input": {"loss_fn": loss_fn, "data": data}}
-    resp = requests.post(f"{server.url}/api/v1/forward_backward", json=body, headers=HEADERS, timeout=60)
+    # json.dumps writes NaN/Infinity literals, as JavaScript and Python clients can.
+    resp = requests.post(f"{server.url}/api/v1/forward_backward", data=json.dumps(body), timeout=60,
+                         headers={**HEADERS, "Content-Type": "application/json"})
     assert resp.status_code < 500, resp.text
     if resp.status_code != 200:
         assert 400 <= resp.status_code < 500 and resp.json()["field"], resp.text

@@ -10,7 +10,7 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 from src.app import create_app
 from src.config import Config
 
-from .conftest import API_KEY
+from .conftest import API_KEY, new_session
 
 HEADERS = {"X-API-Key": API_KEY}
 
@@ -30,7 +30,7 @@ def wait_result(server, request_id: str) -> dict:
 
 @pytest.fixture(scope="module")
 def model_id(server) -> str:
-    body = {"session_id": "s", "model_seq_id": 0, "base_model": server.worker.base_model,
+    body = {"session_id": new_session(), "model_seq_id": 0, "base_model": server.worker.base_model,
             "lora_config": {"rank": 4}}
     answer = post(server, "create_model", json=body).json()
     assert wait_result(server, answer["request_id"])["model_id"] == answer["model_id"]
@@ -71,16 +71,16 @@ def test_malformed_json_names_body(server):
 
 
 def test_missing_field_is_named(server):
-    assert_error(post(server, "create_model", json={"session_id": "s", "model_seq_id": 0}), 400, "base_model")
+    assert_error(post(server, "create_model", json={"session_id": new_session(), "model_seq_id": 0}), 400, "base_model")
 
 
 def test_unserved_base_model(server):
-    body = {"session_id": "s", "model_seq_id": 0, "base_model": "meta/unknown", "lora_config": {"rank": 4}}
+    body = {"session_id": new_session(), "model_seq_id": 0, "base_model": "meta/unknown", "lora_config": {"rank": 4}}
     assert_error(post(server, "create_model", json=body), 400, "base_model")
 
 
 def test_zero_rank(server):
-    body = {"session_id": "s", "model_seq_id": 0, "base_model": server.worker.base_model, "lora_config": {"rank": 0}}
+    body = {"session_id": new_session(), "model_seq_id": 0, "base_model": server.worker.base_model, "lora_config": {"rank": 0}}
     assert_error(post(server, "create_model", json=body), 400, "lora_config.rank")
 
 

@@ -31,8 +31,8 @@ def test_concurrent_clients_sample_and_train(server):
     def client(i: int) -> None:
         try:
             service = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
-            trainer = service.create_lora_training_client(base_model=server.worker.base_model, rank=4, seed=i)
-            sampler = trainer.save_weights_and_get_sampling_client()
+            trainer = service.create_lora_training_client(base_model=server.worker.base_model, rank=4, seed=i).result()
+            sampler = trainer.save_weights_and_get_sampling_client().result()
             rng = np.random.default_rng(i)
             while time.time() < deadline:
                 tokens = rng.integers(3, 400, size=16).tolist()

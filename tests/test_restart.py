@@ -6,9 +6,10 @@ import signal
 
 import requests
 
+from src.auth import fingerprint
 from src.store import RESTART_REASON, Store
 
-from .conftest import API_KEY, free_port, start_worker_process
+from .conftest import API_KEY, free_port, new_session, start_worker_process
 
 HEADERS = {"X-API-Key": API_KEY}
 
@@ -32,7 +33,7 @@ def test_restart_keeps_finished_results_and_fails_unfinished(tiny_model_path, tm
     url = f"http://127.0.0.1:{port}"
     proc = start_worker_process(tiny_model_path, tmp_path, port)
     try:
-        created = call(url, "create_model", {"session_id": "s", "model_seq_id": 0, "base_model": str(tiny_model_path),
+        created = call(url, "create_model", {"session_id": new_session(), "model_seq_id": 0, "base_model": str(tiny_model_path),
                                              "lora_config": {"rank": 4}})
         model_id = created["model_id"]
         assert result(url, created["request_id"])["model_id"] == model_id
@@ -46,7 +47,7 @@ def test_restart_keeps_finished_results_and_fails_unfinished(tiny_model_path, tm
 
     # A future that was accepted but never finished (as if the crash hit mid-operation).
     store = Store(tmp_path / "tink.sqlite3")
-    store.add_future("forward_backward-inflight", "forward_backward", model_id)
+    store.add_future("forward_backward-inflight", "forward_backward", model_id, fingerprint(API_KEY))
     store.close()
 
     proc = start_worker_process(tiny_model_path, tmp_path, port)

@@ -33,13 +33,13 @@ def adapter_tensors(server, tinker_path: str) -> dict[str, np.ndarray]:
 
 
 def test_capabilities_list_the_served_model(service_client, server):
-    caps = service_client.get_server_capabilities()
+    caps = tinker.RestClient(base_url=server.url, api_key=API_KEY).get_server_capabilities().result()
     names = [m.model_name for m in caps.supported_models]
     assert server.worker.base_model in names
 
 
 def test_supervised_loss_falls(service_client, server, tokenizer):
-    tc = service_client.create_lora_training_client(base_model=server.worker.base_model, rank=8, seed=0)
+    tc = service_client.create_lora_training_client(base_model=server.worker.base_model, rank=8, seed=0).result()
     info = tc.get_info()
     assert info.model_data.tokenizer_id == server.worker.base_model
     assert tc.get_tokenizer().encode("hello world") == tokenizer.encode("hello world")
@@ -58,7 +58,7 @@ def test_supervised_loss_falls(service_client, server, tokenizer):
 
 
 def test_forward_matches_forward_backward_and_custom_loss(service_client, server, tokenizer):
-    tc = service_client.create_lora_training_client(base_model=server.worker.base_model, rank=4, seed=1)
+    tc = service_client.create_lora_training_client(base_model=server.worker.base_model, rank=4, seed=1).result()
     data = [sft_datum(tokenizer, "The cat", " sat on the mat")]
     fwd = tc.forward(data, "cross_entropy").result()
     fb = tc.forward_backward(data, "cross_entropy").result()
@@ -76,8 +76,8 @@ def test_forward_matches_forward_backward_and_custom_loss(service_client, server
 
 
 def test_rl_step_raises_logprob_of_rewarded_tokens(service_client, server, tokenizer):
-    tc = service_client.create_lora_training_client(base_model=server.worker.base_model, rank=8, seed=2)
-    sampler = tc.save_weights_and_get_sampling_client()
+    tc = service_client.create_lora_training_client(base_model=server.worker.base_model, rank=8, seed=2).result()
+    sampler = tc.save_weights_and_get_sampling_client().result()
     prompt = [tokenizer.bos_token_id] + tokenizer.encode("Answer:")
     result = sampler.sample(types.ModelInput.from_ints(prompt), num_samples=4,
                             sampling_params=types.SamplingParams(max_tokens=6, temperature=1.0, seed=3)).result()
@@ -98,18 +98,18 @@ def test_rl_step_raises_logprob_of_rewarded_tokens(service_client, server, token
         ))
         if i == 0:
             rewarded = (full, n_prompt)
-    before = tc.forward(data[:1], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data
+    before = tc.forward(data[:1], "importance_sampling").result().loss_fn_outputs[0]["logprobs"].data
     for _ in range(3):
         tc.forward_backward(data, "importance_sampling").result()
         tc.optim_step(types.AdamParams(learning_rate=2e-2)).result()
-    after = tc.forward(data[:1], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data
+    after = tc.forward(data[:1], "importance_sampling").result().loss_fn_outputs[0]["logprobs"].data
     n_prompt = rewarded[1]
     assert sum(after[n_prompt:]) > sum(before[n_prompt:]) + 0.1
 
 
 def test_sampling_client_from_saved_weights(service_client, server, tokenizer):
-    tc = service_client.create_lora_training_client(base_model=server.worker.base_model, rank=4, seed=3)
-    sampler = tc.save_weights_and_get_sampling_client()
+    tc = service_client.create_lora_training_client(base_model=server.worker.base_model, rank=4, seed=3).result()
+    sampler = tc.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints([tokenizer.bos_token_id] + tokenizer.encode("Hello"))
     greedy = types.SamplingParams(max_tokens=5, temperature=0.0)
     a = sampler.sample(prompt, 1, greedy).result()
@@ -123,15 +123,15 @@ def test_sampling_client_from_saved_weights(service_client, server, tokenizer):
     # The persistent path: save_weights_for_sampler(name) + create_sampling_client(model_path).
     saved = tc.save_weights_for_sampler("named-sampler").result()
     assert saved.path.endswith("/sampler_weights/named-sampler")
-    by_path = service_client.create_sampling_client(model_path=saved.path)
+    by_path = service_client.create_sampling_client(model_path=saved.path).result()
     c = by_path.sample(prompt, 1, greedy).result()
     assert list(c.sequences[0].tokens) == list(a.sequences[0].tokens)
-    base = service_client.create_sampling_client(base_model=server.worker.base_model)
+    base = service_client.create_sampling_client(base_model=server.worker.base_model).result()
     assert len(base.sample(prompt, 2, types.SamplingParams(max_tokens=3, seed=1)).result().sequences) == 2
 
 
 def test_save_and_load_state_restores_adapter_and_optimizer(service_client, server, tokenizer):
-    tc = service_client.create_lora_training_client(base_model=server.worker.base_model, rank=4, seed=4)
+    tc = service_client.create_lora_training_client(base_model=server.worker.base_model, rank=4, seed=4).result()
     data = [sft_datum(tokenizer, "One two", " three four")]
     adam = types.AdamParams(learning_rate=1e-2)
 
@@ -153,15 +153,15 @@ def test_save_and_load_state_restores_adapter_and_optimizer(service_client, serv
         np.testing.assert_array_equal(tensor, adapter_tensors(server, c)[name])
 
     # A new training client from the saved state carries the same weights.
-    tc2 = service_client.create_training_client_from_state_with_optimizer(b)
+    tc2 = service_client.create_training_client_from_state_with_optimizer(b).result()
     d = tc2.save_state("state-d").result().path
     for name, tensor in adapter_tensors(server, b).items():
         np.testing.assert_array_equal(tensor, adapter_tensors(server, d)[name])
 
 
 def test_two_training_clients_do_not_touch_each_other(service_client, server, tokenizer):
-    a = service_client.create_lora_training_client(base_model=server.worker.base_model, rank=4, seed=5)
-    b = service_client.create_lora_training_client(base_model=server.worker.base_model, rank=4, seed=6)
+    a = service_client.create_lora_training_client(base_model=server.worker.base_model, rank=4, seed=5).result()
+    b = service_client.create_lora_training_client(base_model=server.worker.base_model, rank=4, seed=6).result()
     b_before = b.save_weights_for_sampler("b-before").result().path
     data = [sft_datum(tokenizer, "Red blue", " green")]
     for _ in range(2):
@@ -178,6 +178,6 @@ def test_two_training_clients_do_not_touch_each_other(service_client, server, to
 
 def test_unknown_model_fails_clearly(service_client):
     with pytest.raises(Exception) as info:
-        service_client.create_lora_training_client(base_model="no-such/model", rank=4)
+        service_client.create_lora_training_client(base_model="no-such/model", rank=4).result()
     assert "base_model" in str(info.value) or "not served" in str(info.value)
 

@@ -653,7 +653,7 @@ def test_worker_trains_through_the_megatron_server_and_samples_its_export(tiny_m
             except requests.ConnectionError:
                 time.sleep(0.2)
         service = tinker.ServiceClient(base_url=url, api_key=api_key)
-        tc = service.create_lora_training_client(base_model=config.base_model, rank=8, seed=0)
+        tc = service.create_lora_training_client(base_model=config.base_model, rank=8, seed=0).result()
         tokens = list(range(10, 40))
         datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
                             loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})

@@ -28,13 +28,26 @@ def get_sampler(sampling_session_id: str):
                     "model_path": record["model_path"]})
 
 
+@bp.post("/join_sampling_session")
+def join_sampling_session():
+    """A new client of an existing sampler gets a number of its own (the SDK keys its seq ids on it)."""
+    req = parse_json(sdk.JoinSamplingSessionRequest, json_body())
+    w = worker()
+    w.sampling_session(caller(), req.sampling_session_id)  # 404 unless it is the caller's
+    return jsonify({"type": "join_sampling_session",
+                    "client_counter": w.store.join_sampling_session(req.sampling_session_id)})
+
+
 @bp.post("/asample")
 def asample():
     req = parse_json(sdk.SampleRequest, json_body())
     w = worker()
     job = sample_job_from_request(req)
     job.adapter = w.resolve_sampling_target(caller(), req.sampling_session_id, req.model_path, req.base_model)
-    return jsonify(future(w.sample(caller(), job)))
+    request_id = w.sample(caller(), job)
+    # The promise names each sequence up front; the SDK stamps these ids onto the final response.
+    return jsonify({**future(request_id),
+                    "sample_sequence_ids": [f"{request_id}/{i}" for i in range(job.num_samples)]})
 
 
 @bp.post("/sample")
