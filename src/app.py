@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from .auth import KeyRing
 from .backends import UserInputError
 from .config import Config, ConfigError
-from .worker import NotFoundError, Worker
+from .worker import NotFoundError, TrainerUnavailableError, Worker
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,10 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         return jsonify({"error": exc.description, "field": None}), exc.code
+
+    @app.errorhandler(TrainerUnavailableError)
+    def trainer_down(exc: TrainerUnavailableError):
+        return jsonify({"error": str(exc), "field": None}), 503
 
     @app.errorhandler(ConfigError)
     def config_error(exc: ConfigError):

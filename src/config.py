@@ -44,6 +44,7 @@ _ENV_FIELDS: dict[str, str] = {
     "TINK_MAX_BODY_BYTES": "max_body_bytes",
     "TINK_MAX_DATUMS": "max_datums",
     "TINK_MAX_TOKENS_PER_DATUM": "max_tokens_per_datum",
+    "TINK_MAX_TOKENS_PER_REQUEST": "max_tokens_per_request",
     "TINK_MAX_SAMPLE_TOKENS": "max_sample_tokens",
     "TINK_MAX_NUM_SAMPLES": "max_num_samples",
     "TINK_HF_SAMPLER_ADAPTERS": "hf_sampler_adapters",
@@ -89,6 +90,7 @@ class Config:
     max_body_bytes: int = 64 * 1024 * 1024
     max_datums: int = 4096
     max_tokens_per_datum: int = 32768
+    max_tokens_per_request: int = 1 << 20
     max_sample_tokens: int = 32768
     max_num_samples: int = 1024
     hf_sampler_adapters: int = 8

@@ -43,7 +43,6 @@ import asyncio
 import itertools
 import json
 import logging
-import math
 import numbers
 import tempfile
 import threading
@@ -145,39 +144,6 @@ def teacher_forced(prompt: Sequence[int]) -> list[tuple[list[int], int]]:
 
 def stop_reason(finish_reason: str | None) -> str:
     return "length" if finish_reason == "length" else "stop"
-
-
-def perplexity(logprob_fn: Callable[[list[int]], Sequence[float | None]] | Any, tokens: Sequence[int],
-               context_length: int, stride: int, adapter: AdapterRef | None = None) -> float:
-    """Sliding-window perplexity of `tokens`, as in HF's "Perplexity of fixed-length models".
-
-    Windows of at most `context_length` tokens start every `stride` tokens; each window scores only
-    the tokens the previous window did not (at least one token of context always precedes a scored
-    token), so every token after the first is scored exactly once. `logprob_fn(window)` returns
-    [None, logp(window[1] | window[:1]), ...]; a sampler with `compute_logprobs(adapter, tokens)`
-    (`HFSampler`, `VLLMEngineSampler`, `VLLMServerSampler`) may be passed instead. Returns
-    exp(mean negative logprob) in float64.
-    """
-    if context_length < 2:
-        raise UserInputError(f"context_length must be >= 2, got {context_length}", "context_length")
-    if not 1 <= stride <= context_length:
-        raise UserInputError(f"stride must be in [1, context_length], got {stride}", "stride")
-    if len(tokens) < 2:
-        raise UserInputError("perplexity needs at least two tokens", "tokens")
-    if hasattr(logprob_fn, "compute_logprobs"):
-        sampler = logprob_fn
-        logprob_fn = lambda window: sampler.compute_logprobs(adapter, window)  # noqa: E731
-    total, count, scored_to = 0.0, 0, 1  # tokens[:scored_to] are already scored (token 0 never is)
-    for begin in range(0, len(tokens), stride):
-        end = min(begin + context_length, len(tokens))
-        logprobs = logprob_fn(list(tokens[begin:end]))
-        for pos in range(max(scored_to, begin + 1), end):
-            total -= float(logprobs[pos - begin])
-            count += 1
-        scored_to = end
-        if end == len(tokens):
-            break
-    return math.exp(total / count)
 
 
 # ----------------------------------------------------------------------------- in-process engine

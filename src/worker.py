@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from .backends import (
 )
 from .checkpoints import TinkerPath, check_name, directory_for, write_atomically
 from .config import EMBEDDED_MODEL, Config
+from .evaluation import perplexity
 from .losses import LOSS_FUNCTIONS, validate_inputs
 from .scheduling import Outcome, Scheduler
 from .store import Store
@@ -50,6 +54,37 @@ class NotFoundError(UserInputError):
     """An id (model, checkpoint, future, sampling session) the worker does not know: HTTP 404."""
 
 
+@dataclass(frozen=True)
+class EvalTarget:
+    """A plain-JSON `model_id` resolved: the adapter the sampler serves and the trainer's run for it."""
+
+    adapter: AdapterRef | None  # None: the base model
+    trained_model_id: str | None  # the training run whose current weights the trainer scores
+    checkpoint: str | None  # the tinker:// path the sampler serves
+
+
+class TrainerUnavailableError(Exception):
+    """The trainer backend is down (e.g. the Megatron server died): training requests get HTTP 503.
+
+    The worker never switches trainers silently: adapters and optimizer state live in the trainer.
+    """
+
+
+TRAINER_HEALTH_TTL_S = 1.0  # how long one trainer health probe is trusted
+
+
+def _vocab_size(base_model: str) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(base_model).vocab_size)
+
+
+def _adapter_ref(record: dict[str, Any]) -> AdapterRef:
+    rank = json.loads((Path(record["directory"]) / "adapter_config.json").read_text())["r"]
+    # The version makes the name unique per write, so samplers that cache by name never go stale.
+    return AdapterRef(name=f"{record['tinker_path']}@v{record['version']}", path=Path(record["directory"]), rank=rank)
+
+
 def _json(obj: dict[str, Any]) -> Outcome:
     return Outcome("json", json.dumps(obj).encode())
 
@@ -63,6 +98,7 @@ class Worker:
         self.base_model = trainer.base_model
         self.scheduler = Scheduler(store, config.sampling_threads)
         self._restore_lock = threading.Lock()
+        self._trainer_health: tuple[float, dict[str, Any]] = (-1e9, {})
         failed = store.fail_unfinished()
         if failed:
             log.warning("%d operations were unfinished at the last shutdown; they are now failed", failed)
@@ -73,7 +109,7 @@ class Worker:
 
         base_model = config.resolved_base_model()
         trainer = build_trainer(config, base_model)
-        sampler = build_sampler(config, base_model)
+        sampler = build_sampler(config, base_model, vocab_size=_vocab_size(base_model))
         return cls(config, trainer, sampler, Store(config.database_path))
 
     def close(self) -> None:
@@ -101,7 +137,32 @@ class Worker:
         }
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "trainer": self.trainer.name, "sampler": self.sampler.health()}
+        trainer = self.trainer_health(fresh=True)
+        return {"status": "ok" if trainer.get("live", True) else "degraded", "trainer": self.trainer.name,
+                "trainer_health": trainer, "sampler": self.sampler.health()}
+
+    def trainer_health(self, fresh: bool = False) -> dict[str, Any]:
+        """The trainer's own `health()` (remote trainers have one), probed at most once a second."""
+        probe = getattr(self.trainer, "health", None)
+        if probe is None:
+            return {"live": True}
+        checked_at, answer = self._trainer_health
+        if fresh or time.monotonic() - checked_at > TRAINER_HEALTH_TTL_S:
+            answer = probe()
+            self._trainer_health = (time.monotonic(), answer)
+        return answer
+
+    def _require_trainer(self) -> None:
+        health = self.trainer_health()
+        if not health.get("live", True):
+            raise TrainerUnavailableError(
+                f"the {self.trainer.name} trainer is down ({health.get('error', 'no reason given')}); "
+                "training operations are refused until it is back, sampling still works")
+
+    def _submit_training(self, op_name: str, model_id: str, owner: str, operation) -> str:
+        """Queue a training operation, unless the trainer is known to be down (then HTTP 503)."""
+        self._require_trainer()
+        return self.scheduler.submit_training(op_name, model_id, owner, operation)
 
     def model_record(self, caller: Caller, model_id: str, field: str = "model_id") -> dict[str, Any]:
         """The model's record if it exists, is loaded and belongs to `caller`; else a 404."""
@@ -128,6 +189,7 @@ class Worker:
         user_metadata: Any,
     ) -> tuple[str, str]:
         """Register a new LoRA training run; returns (request_id, model_id)."""
+        self._require_trainer()
         base = self.served_model(base_model)
         if spec.rank > self.config.max_lora_rank:
             raise UserInputError(
@@ -152,7 +214,7 @@ class Worker:
             self.trainer.create_adapter(model_id, spec)
             return _json({"type": "create_model", "model_id": model_id})
 
-        return self.scheduler.submit_training("create_model", model_id, caller.owner, run), model_id
+        return self._submit_training("create_model", model_id, caller.owner, run), model_id
 
     def forward_backward(self, caller: Caller, call: ForwardBackwardCall) -> str:
         self.model_record(caller, call.model_id)
@@ -166,7 +228,7 @@ class Worker:
             return Outcome(FWD_BWD_KIND, encode_forward_backward_output(result))
 
         op = "forward" if call.forward_only else "forward_backward"
-        return self.scheduler.submit_training(op, call.model_id, caller.owner, run)
+        return self._submit_training(op, call.model_id, caller.owner, run)
 
     def _validate_batch(self, call: ForwardBackwardCall) -> None:
         if call.loss_fn not in LOSS_FUNCTIONS:
@@ -177,6 +239,10 @@ class Worker:
             raise UserInputError("data must contain at least one datum", "data")
         if len(call.data) > self.config.max_datums:
             raise UserInputError(f"{len(call.data)} datums exceed the limit {self.config.max_datums}", "data")
+        total = sum(len(datum.tokens) for datum in call.data)
+        if total > self.config.max_tokens_per_request:
+            raise UserInputError(f"{total} tokens in all exceed the limit {self.config.max_tokens_per_request} "
+                                 "(TINK_MAX_TOKENS_PER_REQUEST)", "data")
         vocab = self.trainer.vocab_size()
         for i, datum in enumerate(call.data):
             n = len(datum.tokens)
@@ -209,7 +275,7 @@ class Worker:
             metrics = self.trainer.optim_step(model_id, params)
             return _json({"type": "optim_step", "metrics": metrics})
 
-        return self.scheduler.submit_training("optim_step", model_id, caller.owner, run)
+        return self._submit_training("optim_step", model_id, caller.owner, run)
 
     def save_weights(
         self, caller: Caller, model_id: str, name: str | None, overwrite: bool, user_metadata: Any
@@ -222,7 +288,7 @@ class Worker:
             self._write_checkpoint(path, lambda d: self.trainer.save_state(model_id, d), overwrite, user_metadata)
             return _json({"type": "save_weights", "path": str(path)})
 
-        return self.scheduler.submit_training("save_weights", model_id, caller.owner, run)
+        return self._submit_training("save_weights", model_id, caller.owner, run)
 
     def save_weights_for_sampler(self, caller: Caller, model_id: str, name: str | None, user_metadata: Any) -> str:
         """Export the adapter for sampling. Without a name, also open a sampling session on it."""
@@ -233,6 +299,9 @@ class Worker:
         def run() -> Outcome:
             self._ensure_adapter(model_id)
             self._write_checkpoint(path, lambda d: self.trainer.export_adapter(model_id, d), True, user_metadata)
+            push = getattr(self.sampler, "sync_adapter", None)
+            if push is not None:  # TRL mode: the server holds one policy, so push the new weights now
+                push(_adapter_ref(self.store.get_checkpoint(str(path))), self.base_model)
             answer: dict[str, Any] = {"type": "save_weights_for_sampler", "path": str(path)}
             if ephemeral:
                 session = f"ss-{uuid.uuid4().hex}"
@@ -240,7 +309,7 @@ class Worker:
                 answer["sampling_session_id"] = session
             return _json(answer)
 
-        return self.scheduler.submit_training("save_weights_for_sampler", model_id, caller.owner, run)
+        return self._submit_training("save_weights_for_sampler", model_id, caller.owner, run)
 
     def load_weights(self, caller: Caller, model_id: str, path: str, with_optimizer: bool) -> str:
         self.model_record(caller, model_id)
@@ -251,7 +320,7 @@ class Worker:
             self.trainer.load_state(model_id, source, with_optimizer)
             return _json({"type": "load_weights", "path": path, "model_id": model_id})
 
-        return self.scheduler.submit_training("load_weights", model_id, caller.owner, run)
+        return self._submit_training("load_weights", model_id, caller.owner, run)
 
     def create_model_from_state(
         self, caller: Caller, session_id: str | None, model_seq_id: int, path: str, with_optimizer: bool,
@@ -272,7 +341,7 @@ class Worker:
             self.trainer.load_state(model_id, source, with_optimizer)
             return _json({"type": "load_weights", "path": path, "model_id": model_id})
 
-        return self.scheduler.submit_training("load_weights", model_id, caller.owner, run), model_id
+        return self._submit_training("load_weights", model_id, caller.owner, run), model_id
 
     def unload_model(self, caller: Caller, model_id: str) -> str:
         self.model_record(caller, model_id)
@@ -283,7 +352,7 @@ class Worker:
             self.store.mark_unloaded(model_id)
             return _json({"type": "unload_model", "model_id": model_id})
 
-        return self.scheduler.submit_training("unload_model", model_id, caller.owner, run)
+        return self._submit_training("unload_model", model_id, caller.owner, run)
 
     def _write_checkpoint(self, path: TinkerPath, write, overwrite: bool, user_metadata: Any) -> None:
         target = directory_for(self.config.checkpoint_dir, path)
@@ -299,6 +368,63 @@ class Worker:
                 or not Path(record["directory"]).is_dir():
             raise NotFoundError(f"no checkpoint at {path!r}", field)
         return record
+
+    def resolve_model_id(self, caller: Caller, model_id: Any, field: str = "model_id") -> EvalTarget:
+        """What the plain JSON endpoints accept as `model_id`: the base model's name, a tinker://
+        sampler path, or a training model id (its latest sampler checkpoint)."""
+        if not isinstance(model_id, str) or not model_id:
+            raise UserInputError("model_id is required: a base model name, a tinker:// path or a model id", field)
+        if model_id.startswith("tinker://"):
+            adapter = self.adapter_for(caller, model_id, field)
+            trained = TinkerPath.parse(model_id, field).model_id
+            loaded = self.store.get_model(trained)
+            return EvalTarget(adapter, trained if loaded and not loaded["unloaded"] else None, model_id)
+        if model_id in (self.base_model, self.config.base_model):
+            return EvalTarget(None, None, None)
+        self.model_record(caller, model_id, field)
+        saved = [c for c in self.store.list_checkpoints(model_id) if c["kind"] == "sampler"]
+        if not saved:
+            raise UserInputError(
+                f"model {model_id!r} has no sampler checkpoint yet; call save_weights_for_sampler first", field)
+        return EvalTarget(self.adapter_for(caller, saved[-1]["tinker_path"], field), model_id,
+                          saved[-1]["tinker_path"])
+
+    def trainer_logprobs(self, target: EvalTarget, tokens: list[int]) -> list[float]:
+        """The trainer's logprobs of tokens[1:] under the target's training run (current weights) or
+        the base model; `field` errors if the run is gone from the trainer."""
+        self._require_trainer()
+        if target.adapter is not None and target.trained_model_id is None:
+            raise UserInputError("the training run of this checkpoint is unloaded; the trainer cannot score it",
+                                 "model_id")
+        if target.trained_model_id is not None:
+            self._ensure_adapter(target.trained_model_id)
+        return [float(x) for x in self.trainer.compute_logprobs(target.trained_model_id, tokens)]
+
+    def perplexity(self, target: EvalTarget, tokens: list[int], context_length: int, stride: int,
+                   backends: Sequence[str]) -> dict[str, Any]:
+        """Sliding-window perplexity through the sampler and/or the trainer, for comparing the two."""
+        self._check_tokens(tokens, "tokens")
+        answer: dict[str, Any] = {"tokens": len(tokens), "context_length": context_length, "stride": stride,
+                                  "checkpoint": target.checkpoint}
+        if "sampler" in backends:
+            answer["sampler"] = {"backend": self.sampler.name,
+                                 "perplexity": perplexity(self.sampler, tokens, context_length, stride,
+                                                          adapter=target.adapter)}
+        if "trainer" in backends:
+            fn = lambda window: [None, *self.trainer_logprobs(target, window)]  # noqa: E731
+            answer["trainer"] = {"backend": self.trainer.name,
+                                 "perplexity": perplexity(fn, tokens, context_length, stride)}
+        return answer
+
+    def _check_tokens(self, tokens: list[int], field: str) -> None:
+        vocab = self.trainer.vocab_size()
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise UserInputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", field)
+        if len(tokens) > self.config.max_tokens_per_request:
+            raise UserInputError(
+                f"{len(tokens)} tokens exceed the limit {self.config.max_tokens_per_request} "
+                "(TINK_MAX_TOKENS_PER_REQUEST)", field)
 
     def _checkpoint_dir(self, caller: Caller, path: str, field: str) -> Path:
         return Path(self.checkpoint_record(caller, path, field)["directory"])
@@ -336,10 +462,7 @@ class Worker:
         return record
 
     def adapter_for(self, caller: Caller, model_path: str, field: str = "model_path") -> AdapterRef:
-        record = self.checkpoint_record(caller, model_path, field)
-        rank = json.loads((Path(record["directory"]) / "adapter_config.json").read_text())["r"]
-        # The version makes the name unique per write, so samplers that cache by name never go stale.
-        return AdapterRef(name=f"{record['tinker_path']}@v{record['version']}", path=Path(record["directory"]), rank=rank)
+        return _adapter_ref(self.checkpoint_record(caller, model_path, field))
 
     def resolve_sampling_target(
         self, caller: Caller, sampling_session_id: str | None, model_path: str | None, base_model: str | None

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tinker
 import torch
 from safetensors.numpy import load_file
 from tinker import types
 from transformers import AutoTokenizer
+
+from .conftest import API_KEY
 
 
 @pytest.fixture(scope="module")

@@ -253,7 +253,7 @@ def test_bad_adapters_fail_alone_and_the_engine_survives(engine, vllm_adapters, 
 
 
 def test_perplexity_matches_hf(engine, hf_sampler, vllm_adapters):
-    from src.vllm_backend import perplexity
+    from src.evaluation import perplexity
 
     tokens = [1] + [(i * 37 + 11) % 500 + 3 for i in range(90)]
     for ref in (None, vllm_adapters["a"]):

@@ -107,7 +107,7 @@ def test_bad_requests_name_the_field(client, prompt, params, field):
 
 
 def test_perplexity_matches_hf(client, hf_sampler, vllm_adapters):
-    from src.vllm_backend import perplexity
+    from src.evaluation import perplexity
 
     tokens = [1] + [(i * 53 + 7) % 500 + 3 for i in range(150)]
     ref = vllm_adapters["b"]
