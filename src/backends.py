@@ -8,6 +8,7 @@ implements one of the protocols below; `src/registry.py` picks them from the con
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -184,13 +185,28 @@ class SampleResult:
     extras: dict[str, float] = field(default_factory=dict)
 
 
+TokenSink = Callable[[int, list[int], list[float]], None]
+"""`sink(sample_index, new_tokens, their_logprobs)`: called as tokens are chosen (streaming).
+It may run on a backend thread, so it must be quick and thread-safe (e.g. `queue.put`)."""
+
+
+def emit_whole(result: SampleResult, sink: TokenSink | None) -> SampleResult:
+    """Streaming for backends that only see finished completions: each arrives in one piece."""
+    if sink is not None:
+        for index, seq in enumerate(result.sequences):
+            sink(index, list(seq.tokens), list(seq.logprobs))
+    return result
+
+
 @runtime_checkable
 class Sampler(Protocol):
     """Generates from the base model or any saved adapter version. Thread-safe."""
 
     name: str
 
-    def sample(self, job: SampleJob) -> SampleResult: ...
+    def sample(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
+        """All `job.num_samples` completions; with `sink`, each token is also reported as it is chosen."""
+        ...
 
     def health(self) -> dict[str, object]:
         """A JSON-able status for `/api/v1/healthz` (`{"live": bool, ...}`)."""

@@ -44,6 +44,7 @@ from .backends import (
     SampleJob,
     SampleResult,
     SamplingParams,
+    TokenSink,
     UserInputError,
 )
 
@@ -102,7 +103,7 @@ class HFSampler:
 
     # ------------------------------------------------------------------ Sampler
 
-    def sample(self, job: SampleJob) -> SampleResult:
+    def sample(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
         """`job.num_samples` completions of `job.prompt`; token ids, fp32 logprobs and stop reasons, no padding."""
         params = job.params
         self._check_tokens(job.prompt)
@@ -117,7 +118,8 @@ class HFSampler:
             with self._activated(job.adapter), torch.inference_mode():
                 try:
                     prompt_lps, cache = self._prefix(job.prompt, job.prompt_logprobs, job.num_samples)
-                    decoder = _Decoder(job.num_samples, params, self._stop_ids(params), self._tokenizer, self.device)
+                    decoder = _Decoder(job.num_samples, params, self._stop_ids(params), self._tokenizer, self.device,
+                                       sink)
                     ids = torch.tensor([job.prompt], device=self.device).repeat(job.num_samples, 1)
                     generation = GenerationConfig(max_new_tokens=params.max_tokens, do_sample=False, num_beams=1,
                                                   pad_token_id=self._pad, eos_token_id=None, use_cache=True)
@@ -270,8 +272,8 @@ class _Decoder(LogitsProcessor):
     """
 
     def __init__(self, rows: int, params: SamplingParams, stop_ids: tuple[int, ...], tokenizer: object,
-                 device: torch.device):
-        self.params, self.tokenizer = params, tokenizer
+                 device: torch.device, sink: TokenSink | None = None):
+        self.params, self.tokenizer, self.sink = params, tokenizer, sink
         self.greedy = params.temperature == 0
         warpers: list[LogitsProcessor] = []
         if not self.greedy:  # HF's own warpers, in HF's order: temperature, top-k, top-p
@@ -298,6 +300,7 @@ class _Decoder(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float()  # logprobs in fp32 whatever the model's dtype
+        live = ~self.done  # rows still generating before this step's token
         if self.greedy:
             logprobs = torch.log_softmax(scores, dim=-1)
             chosen = scores.argmax(dim=-1)
@@ -316,6 +319,10 @@ class _Decoder(LogitsProcessor):
         self.done |= newly
         if step >= self.params.max_tokens:
             self.done.fill_(True)
+        if self.sink is not None:
+            for row, token, logprob in zip(live.nonzero()[:, 0].tolist(), chosen[live].tolist(),
+                                           self.logprobs[-1][live].tolist()):
+                self.sink(row, [token], [logprob])
         return torch.full_like(scores, float("-inf")).scatter_(-1, chosen[:, None], 0.0)
 
     def _string_hits(self, chosen: list[int]) -> torch.Tensor:

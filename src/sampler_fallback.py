@@ -20,9 +20,17 @@ import threading
 import time
 from typing import Any
 
-from .backends import AdapterRef, BackendError, SampleJob, Sampler, SampleResult
+from .backends import AdapterRef, BackendError, SampleJob, Sampler, SampleResult, TokenSink
 
 log = logging.getLogger(__name__)
+
+
+class _AlreadyStreamed(Exception):
+    """The primary failed after streaming tokens: not a case for a silent switch to the fallback."""
+
+    def __init__(self, cause: BackendError):
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class FallbackSampler:
@@ -50,8 +58,29 @@ class FallbackSampler:
     def active(self) -> Sampler:
         return self.fallback if self._down_since is not None else self.primary
 
-    def sample(self, job: SampleJob) -> SampleResult:
-        return self._call(lambda s: s.sample(job))
+    def sample(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
+        if sink is None:
+            return self._call(lambda s: s.sample(job))
+        streamed = False
+
+        def tracking_sink(index: int, tokens: list[int], logprobs: list[float]) -> None:
+            nonlocal streamed
+            streamed = True
+            sink(index, tokens, logprobs)
+
+        def attempt(sampler: Sampler) -> SampleResult:
+            try:
+                return sampler.sample(job, tracking_sink)
+            except BackendError as exc:
+                if streamed:  # the client already has some tokens: a restart would stream them twice
+                    raise _AlreadyStreamed(exc) from exc
+                raise
+
+        try:
+            return self._call(attempt)
+        except _AlreadyStreamed as failed:
+            self._mark_down(failed.cause)
+            raise BackendError(f"{self.primary.name} failed mid-stream ({failed.cause}); retry the request") from None
 
     def compute_logprobs(self, adapter: AdapterRef | None, tokens: list[int]) -> list[float | None]:
         return self._call(lambda s: s.compute_logprobs(adapter, tokens))

@@ -23,7 +23,16 @@ import logging
 import threading
 from typing import Any
 
-from .backends import AdapterRef, BackendError, SampledSequence, SampleJob, SampleResult, UserInputError
+from .backends import (
+    AdapterRef,
+    BackendError,
+    SampledSequence,
+    SampleJob,
+    SampleResult,
+    TokenSink,
+    UserInputError,
+    emit_whole,
+)
 from .vllm_backend import check_job, check_tokens, sampling_kwargs
 
 log = logging.getLogger(__name__)
@@ -51,7 +60,7 @@ class TRLVLLMSampler:
         self._policy: str | None = None  # the AdapterRef.name whose merged weights the server holds
         self._lock = threading.Lock()  # one weight push at a time; samples need no lock
 
-    def sample(self, job: SampleJob) -> SampleResult:
+    def sample(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
         """Completions from the server's current weights; an adapter must be the last one synced."""
         check_job(job, self._vocab)
         self._check_policy(job.adapter)
@@ -76,7 +85,7 @@ class TRLVLLMSampler:
             sequences = [SampledSequence(list(s.tokens), list(s.logprobs), s.stop_reason)
                          for s in sequences for _ in range(job.num_samples)]
         prompt_lps = self.compute_logprobs(job.adapter, job.prompt) if job.prompt_logprobs else None
-        return SampleResult(sequences=sequences, prompt_logprobs=prompt_lps)
+        return emit_whole(SampleResult(sequences=sequences, prompt_logprobs=prompt_lps), sink)  # no token stream
 
     def compute_logprobs(self, adapter: AdapterRef | None, tokens: list[int]) -> list[float | None]:
         """[None] + the server's prompt logprobs (native: this server has no LoRA, so vllm#51594 does not apply)."""

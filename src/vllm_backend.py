@@ -59,6 +59,7 @@ from .backends import (
     SampleJob,
     SampleResult,
     SamplingParams,
+    TokenSink,
     UserInputError,
 )
 
@@ -226,13 +227,14 @@ class VLLMEngineSampler:
 
     # ------------------------------------------------------------------ Sampler
 
-    def sample(self, job: SampleJob, timeout_s: float | None = None) -> SampleResult:
+    def sample(self, job: SampleJob, sink: TokenSink | None = None, timeout_s: float | None = None) -> SampleResult:
         """`job.num_samples` completions: token ids (ending with the EOS/stop token that ended them, if
-        any), the fp32 logprob of each under the distribution it was drawn from, and the stop reason."""
+        any), the fp32 logprob of each under the distribution it was drawn from, and the stop reason.
+        With `sink`, tokens are also reported as the engine produces them (on the engine's loop thread)."""
         check_job(job, self.vocab_size)
         if job.adapter is not None:
             check_adapter(job.adapter, self.max_lora_rank)
-        return self._run(self._sample(job), timeout=timeout_s)
+        return self._run(self._sample(job, sink), timeout=timeout_s)
 
     def compute_logprobs(self, adapter: AdapterRef | None, tokens: list[int]) -> list[float | None]:
         """[None] + [log p(tokens[t] | tokens[:t]) for t >= 1] under `adapter` (None: the base model), fp32."""
@@ -298,14 +300,15 @@ class VLLMEngineSampler:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 
-    async def _sample(self, job: SampleJob) -> SampleResult:
+    async def _sample(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
         kwargs = sampling_kwargs(job.params, job.num_samples)
         copies = 1
         if job.params.temperature == 0:  # vLLM refuses n > 1 with greedy sampling: the copies are identical
             kwargs["n"], copies = 1, job.num_samples
+        on_output = None if sink is None else _stream_deltas(sink, copies)
 
         async def run(lora: Any) -> SampleResult:
-            generation = self._generate(job.prompt, kwargs, lora)
+            generation = self._generate(job.prompt, kwargs, lora, on_output)
             if not job.prompt_logprobs:
                 return _result(await generation, None, copies)
             out, prompt_lps = await asyncio.gather(generation, self._prompt_logprobs(job.prompt, lora))
@@ -379,7 +382,9 @@ class VLLMEngineSampler:
             log.debug("vllm sampler: remove_lora(%s) failed: %s", name, exc)
         return True
 
-    async def _generate(self, prompt: list[int], kwargs: dict[str, Any], lora: Any) -> Any:
+    async def _generate(self, prompt: list[int], kwargs: dict[str, Any], lora: Any,
+                        on_output: Callable[[Any], None] | None = None) -> Any:
+        """The final RequestOutput; with `on_output`, every cumulative intermediate one goes there too."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
@@ -387,11 +392,18 @@ class VLLMEngineSampler:
 
         final = None
         try:
-            params = VSamplingParams(output_kind=RequestOutputKind.FINAL_ONLY,
-                                     detokenize=bool(kwargs.get("stop")), **kwargs)  # text only for stop strings
+            kind = RequestOutputKind.FINAL_ONLY if on_output is None else RequestOutputKind.CUMULATIVE
+            params = VSamplingParams(output_kind=kind, detokenize=bool(kwargs.get("stop")),  # text only for stop
+                                     **kwargs)
+            latest: dict[int, Any] = {}  # streaming with n > 1: an output carries only the samples that moved
             async for out in self._engine.generate(TokensPrompt(prompt_token_ids=prompt), params,
                                                    request_id=f"tink-{next(_REQUEST_IDS)}", lora_request=lora):
                 final = out
+                if on_output is not None:
+                    on_output(out)
+                    latest.update((completion.index, completion) for completion in out.outputs)
+            if final is not None and latest:
+                final.outputs = [latest[index] for index in sorted(latest)]
         except (VLLMValidationError, ValueError) as exc:
             field = getattr(exc, "parameter", None)
             raise UserInputError(f"vLLM rejected the request: {exc}",
@@ -424,6 +436,24 @@ class VLLMEngineSampler:
 
 
 _REQUEST_IDS = itertools.count()
+
+
+def _stream_deltas(sink: TokenSink, copies: int) -> Callable[[Any], None]:
+    """Turn cumulative RequestOutputs into per-sample token deltas for `sink` (greedy copies each get one)."""
+    sent: dict[int, int] = {}
+
+    def on_output(out: Any) -> None:
+        for completion in out.outputs:
+            tokens = list(completion.token_ids)
+            start = sent.get(completion.index, 0)
+            if len(tokens) <= start:
+                continue
+            sent[completion.index] = len(tokens)
+            logprobs = [_picked(p, t) for p, t in zip((completion.logprobs or [])[start:], tokens[start:])]
+            for copy in range(copies):
+                sink(completion.index * copies + copy, tokens[start:], logprobs)
+
+    return on_output
 
 
 def write_identity_adapter(base_model: str, directory: str) -> Path:

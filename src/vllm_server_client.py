@@ -34,7 +34,16 @@ from typing import Any
 
 import httpx
 
-from .backends import AdapterRef, BackendError, SampledSequence, SampleJob, SampleResult, UserInputError
+from .backends import (
+    AdapterRef,
+    BackendError,
+    SampledSequence,
+    SampleJob,
+    SampleResult,
+    TokenSink,
+    UserInputError,
+    emit_whole,
+)
 from .vllm_backend import (
     check_adapter,
     check_job,
@@ -85,7 +94,7 @@ class VLLMServerSampler:
 
     # ------------------------------------------------------------------ Sampler
 
-    def sample(self, job: SampleJob) -> SampleResult:
+    def sample(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
         """`job.num_samples` completions with the sampled tokens' logprobs, as `VLLMEngineSampler.sample`."""
         self._describe()
         check_job(job, self._vocab or _UNKNOWN_VOCAB)
@@ -105,7 +114,7 @@ class VLLMServerSampler:
             sequences = [SampledSequence(list(sequences[0].tokens), list(sequences[0].logprobs),
                                          sequences[0].stop_reason) for _ in range(job.num_samples)]
         prompt_lps = self.compute_logprobs(job.adapter, job.prompt) if job.prompt_logprobs else None
-        return SampleResult(sequences=sequences, prompt_logprobs=prompt_lps)
+        return emit_whole(SampleResult(sequences=sequences, prompt_logprobs=prompt_lps), sink)  # no token stream
 
     def compute_logprobs(self, adapter: AdapterRef | None, tokens: list[int]) -> list[float | None]:
         """[None] + [log p(tokens[t] | tokens[:t]) for t >= 1], teacher-forced on the server, fp32."""

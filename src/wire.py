@@ -33,6 +33,8 @@ SAMPLE_KIND = "proto:SampleResponse"
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
+_MAX_SPARSE_VALUES = 1 << 26  # a sparse tensor's dense size: far above [tokens, K] for any real datum
+
 _NP_BY_PROTO_DTYPE = {
     pb.DTYPE_FLOAT32: np.float32,
     pb.DTYPE_INT64: np.int64,
@@ -40,16 +42,31 @@ _NP_BY_PROTO_DTYPE = {
 }
 
 
-def parse_json(model: type[M], body: Any) -> M:
-    """Validate a JSON body against an SDK request type; errors name the first bad field."""
+def parse_json(model: type[M], body: Any, prefix: str = "") -> M:
+    """Validate a JSON body (or the part of one at `prefix`) against an SDK type; errors name the
+    first bad field."""
     if not isinstance(body, dict):
-        raise UserInputError("request body must be a JSON object", "body")
+        raise UserInputError(f"{prefix or 'request body'} must be a JSON object", prefix or "body")
     try:
         return model.model_validate(body)
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "body"
+        field = _field_name(first["loc"], body, prefix)
         raise UserInputError(f"{field}: {first['msg']}", field) from None
+
+
+def _field_name(loc: tuple[int | str, ...], body: Any, prefix: str) -> str:
+    """pydantic's error location as the client wrote it (`data[0].loss_fn_inputs.weights`), without
+    the union-member tags pydantic puts in it (`AdamParams`, `list[int]`, `str`), which name no field."""
+    name, value = prefix, body
+    for i, part in enumerate(loc):
+        if isinstance(value, dict) and part in value:
+            name, value = (f"{name}.{part}" if name else str(part)), value[part]
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            name, value = f"{name}[{part}]", value[part]
+        elif i == len(loc) - 1 and isinstance(value, dict) and isinstance(part, str):
+            name = f"{name}.{part}" if name else part  # a required field that is missing
+    return name or "body"
 
 
 # ----------------------------------------------------------------------------- forward_backward
@@ -85,6 +102,9 @@ def decode_forward_backward_proto(body: bytes) -> ForwardBackwardCall:
                     "only token (encoded_text) chunks are supported by this worker",
                     f"data[{i}].model_input",
                 )
+            if len(chunk.encoded_text.tokens) % 4:
+                raise UserInputError("encoded_text tokens must be little-endian int32s (a multiple of 4 bytes)",
+                                     f"data[{i}].model_input")
             tokens.extend(np.frombuffer(chunk.encoded_text.tokens, dtype=np.int32).tolist())
         inputs = {
             name: _tensor_from_proto(t, f"data[{i}].loss_fn_inputs.{name}")
@@ -108,7 +128,13 @@ def decode_forward_backward_json(body: Any, forward_only: bool) -> ForwardBackwa
     key = "forward_input" if "forward_input" in body else "forward_backward_input"
     if not isinstance(body.get("model_id"), str):
         raise UserInputError("model_id is required (a string)", "model_id")
-    fb = parse_json(SdkFwdBwdInput, body.get(key))
+    if not isinstance(body.get(key), dict):
+        raise UserInputError(f"{key} is required: an object with loss_fn and data", key)
+    seq_id = body.get("seq_id")
+    if seq_id is not None and (isinstance(seq_id, bool) or not isinstance(seq_id, int)):
+        raise UserInputError("seq_id must be an integer", "seq_id")
+    # Field names inside the input are the SDK's (`data[0].model_input`, `loss_fn`), as for protobuf.
+    fb = parse_json(SdkFwdBwdInput, body[key])
     data = []
     for i, datum in enumerate(fb.data):
         try:
@@ -124,7 +150,7 @@ def decode_forward_backward_json(body: Any, forward_only: bool) -> ForwardBackwa
         data.append(TrainDatum(tokens=tokens, loss_fn_inputs=inputs))
     return ForwardBackwardCall(
         model_id=body["model_id"],
-        seq_id=int(body.get("seq_id") or 0),
+        seq_id=seq_id or 0,
         loss_fn=fb.loss_fn,
         loss_fn_config=dict(fb.loss_fn_config) if fb.loss_fn_config else None,
         forward_only=forward_only,
@@ -144,13 +170,15 @@ def _tensor_from_proto(t: pb.Tensor, field: str) -> np.ndarray:
             col = np.frombuffer(t.sparse_csr.col_indices, dtype=np.int64)
             if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values):
                 raise ValueError("inconsistent sparse CSR layout")
+            if min(shape) < 0 or shape[0] * shape[1] > _MAX_SPARSE_VALUES:  # a few bytes must not allocate terabytes
+                raise ValueError(f"shape {shape} must be non-negative with at most {_MAX_SPARSE_VALUES} values")
             dense = np.zeros(shape, dtype=np_dtype)
             rows = np.repeat(np.arange(shape[0]), np.diff(crow))
             dense[rows, col] = values
             return dense
         arr = np.frombuffer(t.dense, dtype=np_dtype).copy()
         return arr.reshape(shape) if shape else arr
-    except ValueError as exc:
+    except (ValueError, IndexError) as exc:  # IndexError: CSR column or row offsets out of range
         raise UserInputError(f"malformed tensor: {exc}", field) from None
 
 

@@ -30,6 +30,7 @@ from .backends import (
     SampleJob,
     Sampler,
     SampleResult,
+    TokenSink,
     Trainer,
     UserInputError,
 )
@@ -478,26 +479,27 @@ class Worker:
         return None
 
     def sample(self, caller: Caller, job: SampleJob) -> str:
-        self._validate_sample(job)
+        self.check_sample(job)
 
         def run() -> Outcome:
             return Outcome(SAMPLE_KIND, encode_sample_response(self._sample(job)))
 
         return self.scheduler.submit_sampling("sample", caller.owner, run)
 
-    def sample_now(self, job: SampleJob):
+    def sample_now(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
         """Synchronous sampling for the plain JSON endpoint (same validation, no future)."""
-        self._validate_sample(job)
-        return self._sample(job)
+        self.check_sample(job)
+        return self._sample(job, sink)
 
-    def _sample(self, job: SampleJob) -> SampleResult:
-        result = self.sampler.sample(job)
+    def _sample(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
+        result = self.sampler.sample(job, sink) if sink is not None else self.sampler.sample(job)
         if job.prompt_logprobs_last_n and result.prompt_logprobs is not None:
             keep_from = len(result.prompt_logprobs) - job.prompt_logprobs_last_n
             result.prompt_logprobs = [None] * keep_from + list(result.prompt_logprobs[keep_from:])
         return result
 
-    def _validate_sample(self, job: SampleJob) -> None:
+    def check_sample(self, job: SampleJob) -> None:
+        """Raise `UserInputError` naming the field unless `job` is within this worker's limits."""
         vocab = self.trainer.vocab_size()
         bad = [t for t in job.prompt if not 0 <= t < vocab]
         if bad:

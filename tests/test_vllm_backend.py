@@ -17,7 +17,8 @@ from src.backends import AdapterRef, BackendError, SampleJob, Sampler, SamplingP
 from tests import vllm_fixtures
 from tests.vllm_fixtures import make_adapter, requires_vllm
 
-hf_sampler, vllm_adapters = vllm_fixtures.hf_sampler, vllm_fixtures.vllm_adapters  # session fixtures
+hf_sampler, vllm_adapters, vllm_engine = (vllm_fixtures.hf_sampler, vllm_fixtures.vllm_adapters,  # session fixtures
+                                          vllm_fixtures.vllm_engine)
 
 pytestmark = [pytest.mark.vllm, requires_vllm]
 
@@ -26,14 +27,9 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 LOGPROB_TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_path):
-    from src.vllm_backend import VLLMEngineSampler
-
-    sampler = VLLMEngineSampler(str(tiny_model_path), max_loras=4, max_lora_rank=8, max_cpu_loras=4,
-                                gpu_memory_utilization=0.1, max_model_len=512, dtype="float32")
-    yield sampler
-    sampler.close()
+@pytest.fixture
+def engine(vllm_engine):
+    return vllm_engine  # one engine for the whole session (~40 s to start on CPU)
 
 
 def greedy(sampler, prompt, adapter=None, **kw):

@@ -59,6 +59,17 @@ def vllm_adapters(tiny_model_path, tmp_path_factory) -> dict[str, AdapterRef]:
 
 
 @pytest.fixture(scope="session")
+def vllm_engine(tiny_model_path):
+    """The session's one in-process vLLM engine (LoRA rank <= 8, 4 GPU slots, 4 CPU slots)."""
+    from src.vllm_backend import VLLMEngineSampler
+
+    sampler = VLLMEngineSampler(str(tiny_model_path), max_loras=4, max_lora_rank=8, max_cpu_loras=4,
+                                gpu_memory_utilization=0.1, max_model_len=512, dtype="float32")
+    yield sampler
+    sampler.close()
+
+
+@pytest.fixture(scope="session")
 def hf_sampler(tiny_model_path):
     from src.hf_sampler import HFSampler
 

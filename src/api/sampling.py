@@ -1,16 +1,25 @@
-"""Sampling: Tinker's sampling sessions and `asample`, plus the plain JSON `/api/v1/sample`."""
+"""Sampling: Tinker's sampling sessions and `asample`, plus the plain JSON `/api/v1/sample` (text
+prompts, optional server-sent-event streaming and train-inference logprob gap) and `/api/v1/perplexity`."""
 
 from __future__ import annotations
 
+import json
+import logging
+import queue
+import threading
+from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 from tinker import types as sdk
 
-from ..backends import SampleJob, UserInputError
+from ..backends import SampledSequence, SampleJob, SampleResult, UserInputError
+from ..evaluation import logprob_gap
 from ..wire import parse_json, sample_job_from_request, sampling_params_from_sdk
+from ..worker import EvalTarget, Worker
 from .common import caller, future, json_body, worker
 
+log = logging.getLogger(__name__)
 bp = Blueprint("sampling", __name__, url_prefix="/api/v1")
 
 
@@ -52,52 +61,159 @@ def asample():
 
 @bp.post("/sample")
 def sample_text():
-    """Plain JSON sampling from text prompts; answers synchronously.
+    """Plain JSON sampling from text prompts.
 
     Body: `{"model_id": <base model | tinker:// path | training model id>, "prompts": ["..."],
-    "num_samples": 1, "sampling_params": {"max_tokens": 32, "temperature": 0.7, ...}}`.
+    "num_samples": 1, "sampling_params": {"max_tokens": 32, "temperature": 0.7, ...},
+    "prompt_logprobs": false, "logprob_gap": false, "stream": false}`. With `stream: true` the answer
+    is `text/event-stream`: `token` events as tokens are chosen, one `result` per prompt, then `done`.
     """
     body = json_body()
+    w = worker()
+    target = w.resolve_model_id(caller(), body.get("model_id"))
+    jobs = _sample_jobs(body, target)
+    want_gap = _flag(body, "logprob_gap")
+    if want_gap:
+        w.trainer_logprobs(target, jobs[0][1].prompt[:2])  # fail now (4xx/503), not mid-answer
+    tokenizer = current_app.extensions["tink.tokenizer"]()
+    if _flag(body, "stream"):
+        return _stream(w, tokenizer, jobs, target, want_gap, body.get("model_id"))
+    results = []
+    for text, job in jobs:
+        out = w.sample_now(job)
+        results.append(_prompt_result(w, tokenizer, text, job, out, target, want_gap))
+    return jsonify({"model_id": body.get("model_id"), "sampler": w.sampler.name, "checkpoint": target.checkpoint,
+                    "results": results})
+
+
+@bp.post("/perplexity")
+def perplexity():
+    """Sliding-window perplexity through the sampler and the trainer, side by side.
+
+    Body: `{"model_id": ..., "text": "..." | "tokens": [...], "context_length": 512, "stride": 256,
+    "backends": ["sampler", "trainer"]}`.
+    """
+    body = json_body()
+    w = worker()
+    target = w.resolve_model_id(caller(), body.get("model_id"))
+    if ("text" in body) == ("tokens" in body):
+        raise UserInputError("give exactly one of text (a string) or tokens (a list of token ids)", "text")
+    if "text" in body:
+        if not isinstance(body["text"], str) or not body["text"]:
+            raise UserInputError("text must be a non-empty string", "text")
+        tokens = current_app.extensions["tink.tokenizer"]().encode(body["text"], add_special_tokens=True)
+    else:
+        tokens = body["tokens"]
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise UserInputError("tokens must be a list of integer token ids", "tokens")
+    context_length = _int(body, "context_length", 512, minimum=2)
+    stride = _int(body, "stride", context_length // 2 or 1, minimum=1)
+    backends = body.get("backends", ["sampler", "trainer"])
+    if not isinstance(backends, list) or not backends or not set(backends) <= {"sampler", "trainer"}:
+        raise UserInputError('backends must be a non-empty subset of ["sampler", "trainer"]', "backends")
+    return jsonify({"model_id": body.get("model_id"),
+                    **w.perplexity(target, tokens, context_length, stride, backends)})
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _sample_jobs(body: dict[str, Any], target: EvalTarget) -> list[tuple[str, SampleJob]]:
     prompts = body.get("prompts")
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise UserInputError("prompts must be a non-empty list of non-empty strings", "prompts")
-    num_samples = body.get("num_samples", 1)
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise UserInputError("num_samples must be an integer >= 1", "num_samples")
-    params = sampling_params_from_sdk(parse_json(sdk.SamplingParams, body.get("sampling_params") or {}))
-    w = worker()
-    adapter = _resolve_model_id(body.get("model_id"))
+    num_samples = _int(body, "num_samples", 1, minimum=1)
+    params = sampling_params_from_sdk(parse_json(sdk.SamplingParams, body.get("sampling_params") or {},
+                                                 "sampling_params"))
     tokenizer = current_app.extensions["tink.tokenizer"]()
-    results = []
-    for text in prompts:
-        prompt = tokenizer.encode(text, add_special_tokens=True)
-        out = w.sample_now(SampleJob(prompt=prompt, num_samples=num_samples, params=params, adapter=adapter,
-                                     prompt_logprobs=bool(body.get("prompt_logprobs"))))
-        results.append({
-            "prompt": text,
-            "prompt_tokens": prompt,
-            "prompt_logprobs": out.prompt_logprobs,
-            "completions": [
-                {"text": tokenizer.decode(s.tokens, skip_special_tokens=True), "tokens": s.tokens,
-                 "logprobs": s.logprobs, "stop_reason": s.stop_reason}
-                for s in out.sequences
-            ],
-        })
-    return jsonify({"model_id": body.get("model_id"), "sampler": w.sampler.name, "results": results})
+    jobs = [(text, SampleJob(prompt=tokenizer.encode(text, add_special_tokens=True), num_samples=num_samples,
+                             params=params, adapter=target.adapter,
+                             prompt_logprobs=_flag(body, "prompt_logprobs")))
+            for text in prompts]
+    for _, job in jobs:
+        worker().check_sample(job)  # every prompt is valid before the first is sampled
+    return jobs
 
 
-def _resolve_model_id(model_id: Any):
-    w = worker()
-    if not isinstance(model_id, str) or not model_id:
-        raise UserInputError("model_id is required: a base model name, a tinker:// path or a model id",
-                             "model_id")
-    if model_id.startswith("tinker://"):
-        return w.adapter_for(caller(), model_id, "model_id")
-    if model_id in (w.base_model, w.config.base_model):
-        return None
-    w.model_record(caller(), model_id)
-    sampler_checkpoints = [c for c in w.store.list_checkpoints(model_id) if c["kind"] == "sampler"]
-    if not sampler_checkpoints:
-        raise UserInputError(
-            f"model {model_id!r} has no sampler checkpoint yet; call save_weights_for_sampler first", "model_id")
-    return w.adapter_for(caller(), sampler_checkpoints[-1]["tinker_path"], "model_id")
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise UserInputError(f"{name} must be true or false", name)
+    return value
+
+
+def _int(body: dict[str, Any], name: str, default: int, minimum: int) -> int:
+    value = body.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UserInputError(f"{name} must be an integer >= {minimum}", name)
+    return value
+
+
+def _completion(tokenizer: Any, seq: SampledSequence) -> dict[str, Any]:
+    return {"text": tokenizer.decode(seq.tokens, skip_special_tokens=True), "tokens": seq.tokens,
+            "logprobs": seq.logprobs, "stop_reason": seq.stop_reason}
+
+
+def _prompt_result(w: Worker, tokenizer: Any, text: str, job: SampleJob, out: SampleResult, target: EvalTarget,
+                   want_gap: bool) -> dict[str, Any]:
+    completions = []
+    for seq in out.sequences:
+        completion = _completion(tokenizer, seq)
+        if want_gap and seq.tokens:
+            # The trainer scores prompt + completion; its last len(tokens) values are the sampled tokens'.
+            trainer_lps = w.trainer_logprobs(target, job.prompt + seq.tokens)[-len(seq.tokens):]
+            completion["logprob_gap"] = logprob_gap(seq.logprobs, trainer_lps)
+        completions.append(completion)
+    return {"prompt": text, "prompt_tokens": job.prompt, "prompt_logprobs": out.prompt_logprobs,
+            "completions": completions}
+
+
+def _stream(w: Worker, tokenizer: Any, jobs: list[tuple[str, SampleJob]], target: EvalTarget, want_gap: bool,
+            model_id: Any) -> Response:
+    """Server-sent events; the sampling runs on its own thread, so a slow reader never stalls a backend."""
+    events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+
+    def produce() -> None:
+        try:
+            for index, (text, job) in enumerate(jobs):
+                def sink(sample: int, tokens: list[int], logprobs: list[float], prompt: int = index) -> None:
+                    events.put(("token", {"prompt_index": prompt, "sample_index": sample, "tokens": tokens,
+                                          "logprobs": logprobs}))
+
+                out = w.sample_now(job, sink)
+                events.put(("result", {"prompt_index": index,
+                                       **_prompt_result(w, tokenizer, text, job, out, target, want_gap)}))
+            events.put(("done", {"model_id": model_id, "sampler": w.sampler.name, "checkpoint": target.checkpoint}))
+        except UserInputError as exc:
+            events.put(("error", {"error": str(exc), "field": exc.field}))
+        except Exception as exc:  # the status line is sent already: report the failure as an event
+            log.exception("streamed sampling failed")
+            events.put(("error", {"error": f"{type(exc).__name__}: {exc}", "field": None}))
+        finally:
+            events.put(None)
+
+    threading.Thread(target=produce, name="tink-stream", daemon=True).start()
+    disconnected = request.environ.get("waitress.client_disconnected", lambda: False)
+
+    def serve() -> Iterator[str]:
+        sent: dict[tuple[int, int], list[int]] = {}  # (prompt, sample) -> tokens so far, for text deltas
+        while True:
+            try:
+                item = events.get(timeout=15)
+            except queue.Empty:
+                if disconnected():
+                    return
+                yield ": keep-alive\n\n"
+                continue
+            if item is None:
+                return
+            kind, data = item
+            if kind == "token":
+                so_far = sent.setdefault((data["prompt_index"], data["sample_index"]), [])
+                before = tokenizer.decode(so_far, skip_special_tokens=True)
+                so_far.extend(data["tokens"])
+                data["text"] = tokenizer.decode(so_far, skip_special_tokens=True)[len(before):]
+            yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+    return Response(serve(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                    "X-Accel-Buffering": "no"})
