@@ -32,7 +32,8 @@ def run_loop(base_url: str, api_key: str, steps: int, group_size: int = 8, max_t
     from tqdm import tqdm
 
     service = tinker.ServiceClient(base_url=base_url, api_key=api_key)
-    base_model = service.get_server_capabilities().supported_models[0].model_name
+    capabilities = tinker.RestClient(base_url=base_url, api_key=api_key).get_server_capabilities().result()
+    base_model = capabilities.supported_models[0].model_name
     trainer = service.create_lora_training_client(base_model=base_model, rank=16, seed=0).result()
     tokenizer = trainer.get_tokenizer()
     (target_id,) = tokenizer.encode(TARGET)
@@ -102,7 +103,7 @@ def start_worker(state_dir: Path, api_key: str) -> tuple[subprocess.Popen, str]:
 
 def main(steps: int = 30) -> int:
     os.environ.setdefault("TINKER_TELEMETRY", "0")
-    api_key = os.environ.get("TINKER_API_KEY", "tink-demo")
+    api_key = os.environ.get("TINKER_API_KEY", "tml-tink-demo")  # the SDK insists on the tml- prefix
     url = os.environ.get("TINKER_BASE_URL")
     proc = None
     if not url:
