@@ -121,7 +121,12 @@ class Store:
 
     def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except UnicodeEncodeError:
+                # An id with a lone surrogate (valid JSON, not UTF-8) can never have been stored,
+                # so it matches nothing: the caller answers 404 rather than 500.
+                return []
 
     def close(self) -> None:
         with self._lock:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 from flask import Blueprint, jsonify, request
 from tinker import types as sdk
 
@@ -16,10 +19,24 @@ from .common import caller, future, json_body, worker
 
 bp = Blueprint("training", __name__, url_prefix="/api/v1")
 
+# Model ids are `{session_id}:train:{model_seq_id}` and name the model's checkpoint folder, so a
+# session id must be one safe path segment (the SDK's are `session-<hex>`).
+_SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def check_model_id_parts(session_id: object, model_seq_id: object) -> None:
+    """Raise `UserInputError` unless (session_id, model_seq_id) make a safe, well-formed model id."""
+    if not isinstance(session_id, str) or not _SESSION_ID.match(session_id):
+        raise UserInputError("session_id must be 1-128 characters of letters, digits, '_', '.', '-' "
+                             "(the id create_session returned)", "session_id")
+    if isinstance(model_seq_id, bool) or not isinstance(model_seq_id, int) or model_seq_id < 0:
+        raise UserInputError("model_seq_id must be an integer >= 0", "model_seq_id")
+
 
 @bp.post("/create_model")
 def create_model():
     req = parse_json(sdk.CreateModelRequest, json_body())
+    check_model_id_parts(req.session_id, req.model_seq_id)
     if req.optimizer_config.type != "adamw":
         raise UserInputError(
             f"optimizer {req.optimizer_config.type!r} is not supported; use adamw", "optimizer_config.type")
@@ -58,11 +75,17 @@ def forward():
 
 @bp.post("/optim_step")
 def optim_step():
-    req = parse_json(sdk.OptimStepRequest, json_body())
+    body = json_body()
+    if not body.keys() & {"adam_params", "optim_params", "optimizer_params"}:
+        raise UserInputError("adam_params is required: this step's AdamW hyperparameters", "adam_params")
+    req = parse_json(sdk.OptimStepRequest, body)
     p = req.optim_params
     if not isinstance(p, sdk.AdamParams):
         raise UserInputError(f"optimizer {getattr(p, 'type', '?')!r} is not supported; send adam_params",
                              "optimizer_params")
+    for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
+        if not math.isfinite(getattr(p, name)):  # NaN passes every range check and poisons the weights
+            raise UserInputError(f"{name} must be a finite number", f"adam_params.{name}")
     params = AdamParams(learning_rate=p.learning_rate, beta1=p.beta1, beta2=p.beta2, eps=p.eps,
                         weight_decay=p.weight_decay, grad_clip_norm=p.grad_clip_norm)
     return jsonify(future(worker().optim_step(caller(), req.model_id, params), req.model_id))

@@ -11,6 +11,7 @@ from ..backends import UserInputError
 from ..checkpoints import KIND_SEGMENTS
 from ..wire import parse_json
 from .common import caller, future, json_body, worker
+from .training import check_model_id_parts
 
 bp = Blueprint("weights", __name__, url_prefix="/api/v1")
 
@@ -39,6 +40,7 @@ def load_weights():
         return jsonify(future(w.load_weights(caller(), req.model_id, req.path, req.optimizer), req.model_id))
     if req.session_id is None:
         raise UserInputError("load_weights needs model_id, or session_id and model_seq_id", "model_id")
+    check_model_id_parts(req.session_id, req.model_seq_id or 0)
     rid, model_id = w.create_model_from_state(
         caller(), req.session_id, req.model_seq_id or 0, req.path, req.optimizer, req.user_metadata)
     return jsonify(future(rid, model_id))
