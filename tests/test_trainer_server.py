@@ -632,6 +632,7 @@ def test_worker_trains_through_the_megatron_server_and_samples_its_export(tiny_m
     from src.app import create_app
     from src.config import Config
     from src.hf_sampler import HFSampler
+    from src.registry import build_trainer
     from src.store import Store
     from src.worker import Worker
 
@@ -639,7 +640,8 @@ def test_worker_trains_through_the_megatron_server_and_samples_its_export(tiny_m
     trainer_server = TrainerServer(tiny_model_path, "megatron", 2, 1, tmp_path / "trainer.log")
     config = Config(base_model=str(tiny_model_path), state_dir=tmp_path / "state", api_keys=(api_key,),
                     port=free_port(), retrieve_wait_s=5.0, use_megatron=True, megatron_server_url=trainer_server.url)
-    trainer = MegatronTrainer(config.megatron_server_url, config.base_model)
+    trainer = build_trainer(config, config.base_model)  # what USE_MEGATRON=true picks
+    assert isinstance(trainer, MegatronTrainer)
     worker = Worker(config, trainer, HFSampler(config.base_model, device="cpu"), Store(config.database_path))
     wsgi = create_server(create_app(config, worker), host="127.0.0.1", port=config.port, threads=8)
     threading.Thread(target=wsgi.run, daemon=True).start()
@@ -671,8 +673,20 @@ def test_worker_trains_through_the_megatron_server_and_samples_its_export(tiny_m
 
         trainer_server.stop()  # the trainer goes away: no silent fallback, a clear failure
         assert trainer.health()["live"] is False
-        with pytest.raises(Exception, match="Megatron trainer server"):
-            tc.forward_backward([datum], "cross_entropy").result()
+        health = requests.get(f"{url}/api/v1/healthz", timeout=10).json()
+        assert health["status"] == "degraded" and health["trainer_health"]["live"] is False
+        body = {"model_id": tc.model_id, "forward_backward_input": {"loss_fn": "cross_entropy", "data": [
+            {"model_input": {"chunks": [{"type": "encoded_text", "tokens": tokens[:-1]}]},
+             "loss_fn_inputs": {"target_tokens": {"data": tokens[1:], "dtype": "int64"},
+                                "weights": {"data": [1.0] * (len(tokens) - 1), "dtype": "float32"}}}]}}
+        time.sleep(1.1)  # the worker trusts one trainer health probe for a second
+        refused = requests.post(f"{url}/api/v1/forward_backward", json=body, headers={"X-API-Key": api_key},
+                                timeout=30)
+        assert refused.status_code == 503 and "trainer is down" in refused.json()["error"], refused.text
+        # Sampling does not depend on the trainer and keeps working.
+        sampled = requests.post(f"{url}/api/v1/sample", headers={"X-API-Key": api_key}, timeout=60, json={
+            "model_id": saved.path, "prompts": ["hello"], "sampling_params": {"max_tokens": 3}})
+        assert sampled.status_code == 200, sampled.text
     finally:
         wsgi.close()
         worker.close()

@@ -1,0 +1,15 @@
+"""CONFIGURATION.md documents every variable the worker reads, and nothing it does not."""
+
+from __future__ import annotations
+
+import re
+
+from src.config import _ENV_FIELDS
+
+from .conftest import REPO
+
+
+def test_every_env_var_is_documented():
+    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", (REPO / "CONFIGURATION.md").read_text(), re.M))
+    assert set(_ENV_FIELDS) - documented == set(), "add these to CONFIGURATION.md"
+    assert documented - set(_ENV_FIELDS) - {"TINK_HOME", "TINK_DOTENV"} == set(), "documented but not read"
