@@ -11,36 +11,83 @@ import argparse
 import logging
 import signal
 import sys
+import threading
+import time
+
+from waitress import wasyncore
+
+# Each tinker SDK client keeps about five keep-alive connections (one per pool: session, train,
+# sample, retrieve, telemetry). waitress's default limit of 100 open connections would cap a worker
+# at ~20 clients and stall everyone else's connects for seconds, so allow several per thread.
+CONNECTIONS_PER_THREAD = 8
+
+
+def make_server(app, config):
+    """The waitress server `serve` runs, sized from the config (tests build theirs with it too)."""
+    from waitress.server import create_server
+
+    return create_server(app, host=config.host, port=config.port, threads=config.threads,
+                         connection_limit=max(100, CONNECTIONS_PER_THREAD * config.threads),
+                         channel_timeout=max(60, int(config.retrieve_wait_s) * 3))
 
 
 def serve(config=None) -> None:
-    """Run the worker under waitress until SIGINT/SIGTERM, then drain and exit 0."""
-    from waitress.server import create_server
+    """Run the worker under waitress until SIGINT/SIGTERM, then drain and exit 0.
 
+    On the signal the worker stops accepting connections, runs queued work for up to
+    TINK_SHUTDOWN_GRACE_S (what is left fails with a reason the client reads), keeps answering
+    the connections already open meanwhile (so long-polls get their results), then exits.
+    """
     from .app import create_app
     from .config import Config
 
     config = config or Config.from_env()
     app = create_app(config)
     worker = app.extensions["tink.worker"]
-    server = create_server(app, host=config.host, port=config.port, threads=config.threads,
-                           channel_timeout=max(60, int(config.retrieve_wait_s) * 3))
+    server = make_server(app, config)
     logging.getLogger("tink").info("Tink worker on http://%s:%s serving %s (trainer=%s, sampler=%s)",
                                    config.host, server.effective_port, worker.base_model,
                                    worker.trainer.name, worker.sampler.name)
     print(f"TINK_READY http://{config.host}:{server.effective_port}", flush=True)
 
-    def stop(signum, frame):
-        server.close()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     try:
-        server.run()
-    except (OSError, ValueError):  # closed from the signal handler
-        pass
+        while not stop.is_set():
+            _poll(server)
+        logging.getLogger("tink").info("stopping: finishing queued work for up to %.0fs", config.shutdown_grace_s)
+        # Close only the listening socket: open connections keep being served while the queue drains.
+        # (waitress's own close() would also close the loop's wake-up pipe under requests in flight.)
+        wasyncore.dispatcher.close(server)
+        drain = threading.Thread(target=worker.scheduler.shutdown, args=(config.shutdown_grace_s,),
+                                 name="tink-drain")
+        drain.start()
+        while drain.is_alive():
+            _poll(server)
+        deadline = time.monotonic() + ANSWER_IN_FLIGHT_S
+        while _busy(server) and time.monotonic() < deadline:
+            _poll(server)
     finally:
+        server.close()
+        server.task_dispatcher.shutdown(timeout=1)
         worker.close()
+
+
+# After the queue drained: how long requests still being served may take to get their answers out.
+ANSWER_IN_FLIGHT_S = 2.0
+
+
+def _poll(server) -> None:
+    """One turn of waitress's event loop (a signal interrupts it within the timeout)."""
+    wasyncore.loop(timeout=0.2, map=server._map, use_poll=server.adj.asyncore_use_poll, count=1)
+
+
+def _busy(server) -> bool:
+    """Whether a request is queued or being served, or an answer is not fully sent yet."""
+    tasks = server.task_dispatcher
+    return bool(tasks.queue) or tasks.active_count > 0 or any(
+        getattr(channel, "total_outbufs_len", 0) for channel in list(server._map.values()))
 
 
 def main(argv: list[str] | None = None) -> None:
