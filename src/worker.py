@@ -194,7 +194,7 @@ class Worker:
         base = self.served_model(base_model)
         if spec.rank > self.config.max_lora_rank:
             raise UserInputError(
-                f"lora_config.rank {spec.rank} exceeds this worker's limit {self.config.max_lora_rank}",
+                f"lora_config.rank {spec.rank} exceeds the limit {self.config.max_lora_rank} (TINK_MAX_LORA_RANK)",
                 "lora_config.rank",
             )
         if self.store.count_models() >= self.config.max_adapters:
@@ -239,7 +239,8 @@ class Worker:
         if not call.data:
             raise UserInputError("data must contain at least one datum", "data")
         if len(call.data) > self.config.max_datums:
-            raise UserInputError(f"{len(call.data)} datums exceed the limit {self.config.max_datums}", "data")
+            raise UserInputError(f"{len(call.data)} datums exceed the limit {self.config.max_datums} (TINK_MAX_DATUMS)",
+                                 "data")
         total = sum(len(datum.tokens) for datum in call.data)
         if total > self.config.max_tokens_per_request:
             raise UserInputError(f"{total} tokens in all exceed the limit {self.config.max_tokens_per_request} "
@@ -251,7 +252,8 @@ class Worker:
                 raise UserInputError("model_input has no tokens", f"data[{i}].model_input")
             if n > self.config.max_tokens_per_datum:
                 raise UserInputError(
-                    f"{n} tokens exceed the limit {self.config.max_tokens_per_datum}", f"data[{i}].model_input")
+                    f"{n} tokens exceed the limit {self.config.max_tokens_per_datum} (TINK_MAX_TOKENS_PER_DATUM)",
+                    f"data[{i}].model_input")
             bad = [t for t in datum.tokens if not 0 <= t < vocab]
             if bad:
                 raise UserInputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})",
@@ -506,11 +508,14 @@ class Worker:
             raise UserInputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
         if job.num_samples > self.config.max_num_samples:
             raise UserInputError(
-                f"num_samples {job.num_samples} exceeds the limit {self.config.max_num_samples}", "num_samples")
+                f"num_samples {job.num_samples} exceeds the limit {self.config.max_num_samples} (TINK_MAX_NUM_SAMPLES)",
+                "num_samples")
         if job.params.max_tokens > self.config.max_sample_tokens:
             raise UserInputError(
-                f"max_tokens {job.params.max_tokens} exceeds the limit {self.config.max_sample_tokens}",
+                f"max_tokens {job.params.max_tokens} exceeds the limit {self.config.max_sample_tokens} "
+                "(TINK_MAX_SAMPLE_TOKENS)",
                 "sampling_params.max_tokens")
         if len(job.prompt) > self.config.max_tokens_per_datum:
             raise UserInputError(
-                f"prompt of {len(job.prompt)} tokens exceeds the limit {self.config.max_tokens_per_datum}", "prompt")
+                f"prompt of {len(job.prompt)} tokens exceeds the limit {self.config.max_tokens_per_datum} "
+                "(TINK_MAX_TOKENS_PER_DATUM)", "prompt")

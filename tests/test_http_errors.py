@@ -199,11 +199,6 @@ def case(name: str, path: str, body, status: int, field: str | None, marks=(), *
                         id=name, marks=marks)
 
 
-NEEDS_JSON_BODY_FIX = pytest.mark.xfail(strict=True, reason=(
-    "src/api/common.py json_body() lets json's RecursionError out (HTTP 500); it must catch it and raise "
-    "UserInputError('request body is nested too deeply', 'body')"))
-
-
 def rank(r) -> Callable[[World], dict]:
     return lambda w: {"session_id": new_session(), "model_seq_id": 0, "base_model": w.base, "lora_config": {"rank": r}}
 
@@ -284,7 +279,7 @@ CASES = [
     case("json-scalar", "optim_step", "42", 400, "body", content_type=JSON_CT),
     case("empty-body", "get_info", "", 400, "body", content_type=JSON_CT),
     case("invalid-utf8", "create_model", b'{"session_id": "\xff\xfe"}', 400, "body", content_type=JSON_CT),
-    case("deeply-nested-json", "create_model", DEEP, 400, "body", content_type=JSON_CT, marks=NEEDS_JSON_BODY_FIX),
+    case("deeply-nested-json", "create_model", DEEP, 400, "body", content_type=JSON_CT),
     # --- create_model
     case("create-missing-base-model", "create_model",
          lambda w: {"session_id": new_session(), "model_seq_id": 0}, 400, "base_model"),
@@ -774,17 +769,7 @@ def test_limit_is_enforced_naming_field_and_limit(limited, limited_model, settin
     assert not limited.worker.store.failed_futures("server")
 
 
-# Messages from src/worker.py that give the limit's value but not the setting that raises it.
-_UNNAMED_SETTINGS = {"TINK_MAX_DATUMS", "TINK_MAX_TOKENS_PER_DATUM", "TINK_MAX_TOKENS_PER_DATUM (prompt)",
-                     "TINK_MAX_SAMPLE_TOKENS", "TINK_MAX_SAMPLE_TOKENS (text)", "TINK_MAX_NUM_SAMPLES",
-                     "TINK_MAX_NUM_SAMPLES (text)", "TINK_MAX_LORA_RANK"}
-NEEDS_SETTING_NAME = pytest.mark.xfail(strict=True, reason=(
-    "src/worker.py: the limit messages of _validate_batch, check_sample and create_model must end with "
-    "the setting, e.g. '... exceed the limit 4096 (TINK_MAX_DATUMS)', as TINK_MAX_TOKENS_PER_REQUEST's does"))
-
-
-@pytest.mark.parametrize("setting", [pytest.param(s, marks=NEEDS_SETTING_NAME if s in _UNNAMED_SETTINGS else ())
-                                     for s in LIMIT_CASES])
+@pytest.mark.parametrize("setting", list(LIMIT_CASES))
 def test_limit_message_names_its_setting(limited, limited_model, setting):
     """The client learns which knob to ask the operator about."""
     status, field_name, _ = LIMIT_CASES[setting]

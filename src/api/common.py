@@ -22,7 +22,10 @@ def caller() -> Caller:
 
 def json_body() -> dict[str, Any]:
     """The request's JSON object, or a 400 naming `body` (malformed JSON, wrong type)."""
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # json's C parser recurses once per nesting level
+        raise UserInputError("request body is nested too deeply", "body") from None
     if body is None:
         raise UserInputError("request body must be valid JSON (Content-Type: application/json)", "body")
     if not isinstance(body, dict):
