@@ -91,7 +91,9 @@ def server(tiny_model_path, tmp_path_factory) -> Iterator[RunningServer]:
 def service_client(server):
     import tinker
 
-    return tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    yield client
+    client.close()  # else its session heartbeat complains once the server is gone
 
 
 def _wait_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:

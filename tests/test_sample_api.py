@@ -22,15 +22,15 @@ def post(url: str, path: str, body: dict, key: str = API_KEY, **kw) -> requests.
 
 def trained_model(url: str, base_model: str, rank: int = 8) -> str:
     """A training run with one real optim step and a sampler checkpoint; returns its model id."""
-    service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
-    tc = service.create_lora_training_client(base_model=base_model, rank=rank, seed=11).result()
     tokens = list(range(3, 40))
     datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
                         loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
-    tc.forward_backward([datum], "cross_entropy").result()
-    tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
-    tc.save_weights_for_sampler("eval").result()
-    return tc.model_id
+    with tinker.ServiceClient(base_url=url, api_key=API_KEY) as service:
+        tc = service.create_lora_training_client(base_model=base_model, rank=rank, seed=11).result()
+        tc.forward_backward([datum], "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+        tc.save_weights_for_sampler("eval").result()
+        return tc.model_id
 
 
 def read_events(resp: requests.Response) -> list[tuple[str, dict]]:
