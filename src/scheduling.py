@@ -39,7 +39,7 @@ class Scheduler:
     def __init__(self, store: Store, sampling_threads: int = 16):
         self._store = store
         self._cond = threading.Condition()
-        self._queues: dict[str, deque[tuple[str, Operation]]] = {}
+        self._queues: dict[str, deque[tuple[str, str, Operation]]] = {}
         self._ready: deque[str] = deque()  # models with queued work, in round-robin order
         self._done_events: dict[str, threading.Event] = {}
         self._stopping = False
@@ -56,13 +56,13 @@ class Scheduler:
             queue = self._queues.setdefault(model_id, deque())
             if not queue:
                 self._ready.append(model_id)
-            queue.append((request_id, operation))
+            queue.append((request_id, f"{op_name} on model {model_id}", operation))
             self._cond.notify()
         return request_id
 
     def submit_sampling(self, op_name: str, owner: str, operation: Operation) -> str:
         request_id = self._accept(op_name, None, owner)
-        self._sampling.submit(self._run, request_id, operation)
+        self._sampling.submit(self._run, request_id, op_name, operation)
         return request_id
 
     def _accept(self, op_name: str, model_id: str | None, owner: str) -> str:
@@ -93,24 +93,26 @@ class Scheduler:
                 if not self._ready:
                     return  # stopping and drained
                 model_id = self._ready.popleft()
-                request_id, operation = self._queues[model_id].popleft()
+                request_id, what, operation = self._queues[model_id].popleft()
                 if self._queues[model_id]:
                     self._ready.append(model_id)
                 else:
                     del self._queues[model_id]
-            self._run(request_id, operation)
+            self._run(request_id, what, operation)
 
-    def _run(self, request_id: str, operation: Operation) -> None:
+    def _run(self, request_id: str, what: str, operation: Operation) -> None:
         try:
             self._store.mark_running(request_id)
             outcome = operation()
             self._store.finish_future(request_id, outcome.kind, outcome.payload)
         except UserInputError as exc:
             self._store.fail_future(request_id, _user_message(exc), "user")
-        except Exception as exc:  # a backend failure fails this future only
-            log.error("operation %s failed:\n%s", request_id, traceback.format_exc())
+        # BaseException too: anything escaping would kill the training thread (every model's queue
+        # would stall) or leave this future `running` for ever; it fails this future only.
+        except BaseException as exc:
+            log.error("operation %s (%s) failed:\n%s", request_id, what, traceback.format_exc())
             _free_accelerator_memory()
-            self._store.fail_future(request_id, f"{type(exc).__name__}: {exc}", "server")
+            self._store.fail_future(request_id, _backend_message(what, request_id, exc), "server")
         finally:
             event = self._done_events.pop(request_id, None)
             if event is not None:
@@ -127,7 +129,7 @@ class Scheduler:
             self._cond.notify_all()
         self._trainer_thread.join(grace_s)
         with self._cond:
-            abandoned = [rid for queue in self._queues.values() for rid, _ in queue]
+            abandoned = [rid for queue in self._queues.values() for rid, _, _ in queue]
             self._queues.clear()
             self._ready.clear()
         for request_id in abandoned:
@@ -148,6 +150,12 @@ SHUTDOWN_REASON = (
 
 def _user_message(exc: UserInputError) -> str:
     return str(exc)
+
+
+def _backend_message(what: str, request_id: str, exc: BaseException) -> str:
+    """The cause, what it hit, and what to do; other operations are not affected."""
+    return (f"{what} failed in the backend: {type(exc).__name__}: {exc}. Only this request failed; "
+            f"the worker log has the traceback under {request_id}. Retry it, or report it if it repeats.")
 
 
 def _free_accelerator_memory() -> None:

@@ -140,38 +140,41 @@ def test_concurrent_clients_sample_and_train(load_server, report):
 
     def client(i: int) -> None:
         try:
-            service = tinker.ServiceClient(base_url=load_server.url, api_key=API_KEY)
-            trainer = service.create_lora_training_client(base_model=load_server.worker.base_model, rank=4,
-                                                          seed=i).result()
-            sampler = trainer.save_weights_and_get_sampling_client().result()
-            rng = np.random.default_rng(i)
-            if ready.wait() == 0:  # everyone set up: the timed part starts for all clients at once
-                deadline.append(time.time() + SECONDS)
-            while not deadline:
-                time.sleep(0.01)
-            while time.time() < deadline[0]:
-                tokens = rng.integers(3, 400, size=16).tolist()
-                with lock:
-                    counts["submitted"] += 2
-                start = time.perf_counter()
-                out = sampler.sample(types.ModelInput.from_ints(tokens), 2,
-                                     types.SamplingParams(max_tokens=8, seed=i)).result()
-                sample_s = time.perf_counter() - start
-                assert len(out.sequences) == 2
-                datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                                    loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * 15})
-                start = time.perf_counter()
-                fb = trainer.forward_backward([datum], "cross_entropy").result()
-                fb_s = time.perf_counter() - start
-                assert "loss:sum" in fb.metrics
-                with lock:
-                    counts["completed"] += 2
-                    latencies["sample"].append(sample_s)
-                    latencies["forward_backward"].append(fb_s)
+            with tinker.ServiceClient(base_url=load_server.url, api_key=API_KEY) as service:
+                run_client(i, service)
         except Exception as exc:  # any failure (a 5xx surfaces here after the SDK's retries) fails the test
             with lock:
                 errors.append(f"client {i}: {type(exc).__name__}: {exc}")
             ready.abort()
+
+    def run_client(i: int, service: tinker.ServiceClient) -> None:
+        trainer = service.create_lora_training_client(base_model=load_server.worker.base_model, rank=4,
+                                                      seed=i).result()
+        sampler = trainer.save_weights_and_get_sampling_client().result()
+        rng = np.random.default_rng(i)
+        if ready.wait() == 0:  # everyone set up: the timed part starts for all clients at once
+            deadline.append(time.time() + SECONDS)
+        while not deadline:
+            time.sleep(0.01)
+        while time.time() < deadline[0]:
+            tokens = rng.integers(3, 400, size=16).tolist()
+            with lock:
+                counts["submitted"] += 2
+            start = time.perf_counter()
+            out = sampler.sample(types.ModelInput.from_ints(tokens), 2,
+                                 types.SamplingParams(max_tokens=8, seed=i)).result()
+            sample_s = time.perf_counter() - start
+            assert len(out.sequences) == 2
+            datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * 15})
+            start = time.perf_counter()
+            fb = trainer.forward_backward([datum], "cross_entropy").result()
+            fb_s = time.perf_counter() - start
+            assert "loss:sum" in fb.metrics
+            with lock:
+                counts["completed"] += 2
+                latencies["sample"].append(sample_s)
+                latencies["forward_backward"].append(fb_s)
 
     started = time.time()
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)]
