@@ -33,7 +33,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .backends import AdamParams, BackendError, ForwardBackwardResult, LoraSpec, TrainDatum, UserInputError
-from .losses import compute_loss, validate_inputs
+from .losses import microbatch_loss, validate_inputs
 
 log = logging.getLogger(__name__)
 
@@ -179,16 +179,8 @@ class HFTrainer:
                     for batch in self._microbatches(data):
                         logprobs = self._target_logprobs([d.tokens for d in batch],
                                                          [d.loss_fn_inputs["target_tokens"] for d in batch])
-                        total = torch.zeros((), device=self.device)
-                        for datum, lp in zip(batch, logprobs):
-                            out = compute_loss(loss_fn, lp, datum.loss_fn_inputs, loss_fn_config)
-                            total = total + out.loss
-                            result = {"logprobs": _numpy(lp)}
-                            if out.elementwise is not None:
-                                result["elementwise_loss"] = _numpy(out.elementwise)
-                            outputs.append(result)
-                            for key, value in out.metrics.items():
-                                metrics[key] = metrics.get(key, 0.0) + float(value)
+                        total, scored = microbatch_loss(loss_fn, logprobs, batch, loss_fn_config, metrics)
+                        outputs.extend(scored)
                         metrics["loss:sum"] += float(total.detach())
                         if not forward_only and total.requires_grad:
                             total.backward()  # per microbatch: activations are freed before the next
@@ -392,8 +384,6 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
 
 
 def _read_optimizer(directory: Path) -> dict | None:

@@ -18,8 +18,9 @@ policy log p(x_t) (carries grad), `q` = sampler log q(x_t) (input `logprobs`), `
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -269,3 +270,29 @@ _LOSSES: dict[str, Callable[[torch.Tensor, dict[str, torch.Tensor], dict[str, fl
     "gspo": _gspo,
     "stable_reinforce": _stable_reinforce,
 }
+
+
+def microbatch_loss(
+    loss_fn: str,
+    logprobs: Iterable[torch.Tensor],
+    data: Sequence[Any],
+    config: Mapping[str, float | str] | None,
+    metrics: dict[str, float],
+) -> tuple[torch.Tensor | None, list[dict[str, np.ndarray]]]:
+    """The summed loss of a micro-batch (None if empty) and each datum's outputs for the client.
+
+    `logprobs` holds each datum's target logprobs; `data` the datums (`loss_fn_inputs`). Per-datum
+    metrics are added into `metrics`. Every trainer engine scores its micro-batches with this.
+    """
+    total: torch.Tensor | None = None
+    outputs: list[dict[str, np.ndarray]] = []
+    for datum, lp in zip(data, logprobs, strict=True):
+        out = compute_loss(loss_fn, lp, datum.loss_fn_inputs, config)
+        total = out.loss if total is None else total + out.loss
+        result = {"logprobs": lp.detach().float().cpu().numpy()}
+        if out.elementwise is not None:
+            result["elementwise_loss"] = out.elementwise.detach().float().cpu().numpy()
+        outputs.append(result)
+        for key, value in out.metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + float(value)
+    return total, outputs

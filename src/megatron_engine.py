@@ -525,7 +525,7 @@ class MegatronEngine:
 
     def forward_backward(self, model_id: str, data: list[TrainDatum], loss_fn: str,
                          loss_fn_config: dict[str, float | str] | None, forward_only: bool) -> ForwardBackwardResult:
-        from .losses import compute_loss
+        from .losses import microbatch_loss
 
         adapter = self._adapter(model_id)
         # On every rank, for the whole batch, before any gradient is touched.
@@ -542,17 +542,10 @@ class MegatronEngine:
                     for chunk in self._microbatches(mine):
                         targets = [d.loss_fn_inputs["target_tokens"] for d in chunk]
                         logprobs = self._target_logprobs([d.tokens for d in chunk], targets)
-                        chunk_loss = logprobs.new_zeros(())
-                        for i, datum in enumerate(chunk):
-                            lp = logprobs[i, : len(datum.tokens)]
-                            result = compute_loss(loss_fn, lp, datum.loss_fn_inputs, loss_fn_config)
-                            chunk_loss = chunk_loss + result.loss
-                            out = {"logprobs": _numpy(lp)}
-                            if result.elementwise is not None:
-                                out["elementwise_loss"] = _numpy(result.elementwise)
-                            outputs.append(out)
-                            for k, v in result.metrics.items():
-                                metrics[k] = metrics.get(k, 0.0) + float(v)
+                        chunk_loss, scored = microbatch_loss(
+                            loss_fn, (logprobs[i, : len(d.tokens)] for i, d in enumerate(chunk)), chunk,
+                            loss_fn_config, metrics)
+                        outputs.extend(scored)
                         if not forward_only:  # per micro-batch: its activations are freed before the next
                             chunk_loss.backward()
                         total += float(chunk_loss.detach())
@@ -778,7 +771,3 @@ def _dtype(name: str, cpu: bool) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().float().cpu().numpy()
-    return np.asarray(value, dtype=np.float32)

@@ -93,7 +93,7 @@ def service_client(server):
 
     client = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
     yield client
-    client.close()  # else its session heartbeat complains once the server is gone
+    client.close("success").result()  # else its session heartbeat complains once the server is gone
 
 
 def _wait_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
