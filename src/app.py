@@ -18,7 +18,7 @@ from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .auth import KeyRing
-from .backends import UserInputError
+from .backends import BackendError, UserInputError
 from .config import Config, ConfigError
 from .worker import NotFoundError, TrainerUnavailableError, Worker
 
@@ -82,6 +82,11 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         return jsonify({"error": exc.description, "field": None}), exc.code
+
+    @app.errorhandler(BackendError)
+    def backend_error(exc: BackendError):  # a backend that failed while answering synchronously
+        log.warning("backend error on %s: %s", request.path, exc)
+        return jsonify({"error": str(exc), "field": None}), 503
 
     @app.errorhandler(TrainerUnavailableError)
     def trainer_down(exc: TrainerUnavailableError):

@@ -71,7 +71,8 @@ class TrainerUnavailableError(Exception):
     """
 
 
-TRAINER_HEALTH_TTL_S = 1.0  # how long one trainer health probe is trusted
+TRAINER_HEALTH_TTL_S = 1.0
+AUTOSAVE_NAME = "autosave"  # the training checkpoint a graceful shutdown writes for every live model  # how long one trainer health probe is trusted
 
 
 def _vocab_size(base_model: str) -> int:
@@ -114,10 +115,26 @@ class Worker:
         return cls(config, trainer, sampler, Store(config.database_path))
 
     def close(self) -> None:
-        """Finish queued work within the configured grace period, then release the backends."""
+        """Finish queued work within the configured grace period, save every live adapter, then
+        release the backends."""
         self.scheduler.shutdown(self.config.shutdown_grace_s)
+        self._autosave()
         self.sampler.close()
         self.store.close()
+
+    def _autosave(self) -> None:
+        """Write each loaded model's weights and optimizer state to `tinker://<id>/weights/autosave`,
+        the newest training checkpoint, which `_ensure_adapter` restores after the restart: steps
+        acknowledged since the client's last save_weights survive a graceful shutdown."""
+        for record in self.store.list_models(None):
+            model_id = record["model_id"]
+            try:
+                if not self.trainer.has_adapter(model_id):
+                    continue
+                self._write_checkpoint(TinkerPath(model_id, "training", AUTOSAVE_NAME),
+                                       lambda d, m=model_id: self.trainer.save_state(m, d), True, None)
+            except Exception as exc:  # the trainer may be what is going down; the rest still get saved
+                log.warning("could not autosave model %s on shutdown: %s", model_id, exc)
 
     # ------------------------------------------------------------------ identity
 

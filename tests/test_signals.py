@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import requests
 import torch
 from safetensors.numpy import load_file
@@ -186,10 +185,6 @@ def test_sigterm_mid_training_exits_0_and_loses_nothing(tiny_model_path, tmp_pat
         terminate(proc, GRACE_S + EXIT_MARGIN_S)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src/worker.py Worker.close() does not save live adapters: optim_steps reported done after the last "
-    "save_weights are lost on a graceful restart. After scheduler.shutdown() it must write each loaded "
-    "model's state (trainer.save_state) as a training checkpoint that _ensure_adapter restores from"))
 def test_sigterm_keeps_training_done_since_the_last_checkpoint(tiny_model_path, tmp_path):
     """'State saved': a finished optim_step survives a graceful restart even without a save_weights."""
     port = free_port()
