@@ -20,6 +20,11 @@ class BackendError(RuntimeError):
     """A backend could not run an operation for a reason that is not the caller's fault."""
 
 
+class AdapterRejectedError(BackendError):
+    """The sampler is healthy but cannot serve this one adapter (e.g. vLLM has no LoRA support for a
+    module it trains, such as a Qwen2 lm_head). A fallback sampler serves that adapter instead."""
+
+
 class UserInputError(ValueError):
     """The operation's input is invalid; `field` names the offending field for the 4xx answer."""
 

@@ -60,6 +60,8 @@ _ENV_FIELDS: dict[str, str] = {
     "VLLM_MAX_MODEL_LEN": "vllm_max_model_len",
     "VLLM_ENFORCE_EAGER": "vllm_enforce_eager",
     "VLLM_FALLBACK_RETRY_S": "vllm_fallback_retry_s",
+    "VLLM_MAX_NUM_SEQS": "vllm_max_num_seqs",
+    "VLLM_MAX_NUM_BATCHED_TOKENS": "vllm_max_num_batched_tokens",
     "MEGATRON_SERVER_URL": "megatron_server_url",
 }
 
@@ -107,6 +109,8 @@ class Config:
     vllm_max_model_len: int | None = None
     vllm_enforce_eager: bool | None = None  # None: True on CPU
     vllm_fallback_retry_s: float = 30.0
+    vllm_max_num_seqs: int | None = None  # None: vLLM's offline (LLM class) default for the device
+    vllm_max_num_batched_tokens: int | None = None
     megatron_server_url: str | None = None
 
     @property

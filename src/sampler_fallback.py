@@ -20,7 +20,15 @@ import threading
 import time
 from typing import Any
 
-from .backends import AdapterRef, BackendError, SampleJob, Sampler, SampleResult, TokenSink
+from .backends import (
+    AdapterRef,
+    AdapterRejectedError,
+    BackendError,
+    SampleJob,
+    Sampler,
+    SampleResult,
+    TokenSink,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,7 @@ class FallbackSampler:
         self._next_probe = 0.0
         self._reason = ""
         self._lock = threading.Lock()
+        self._rejected: set[str] = set()  # adapters the primary refused (warned about once each)
 
     @classmethod
     def start(cls, make_primary: Any, fallback: Sampler, retry_s: float = 30.0) -> Sampler:
@@ -104,6 +113,9 @@ class FallbackSampler:
         if self._should_try_primary():
             try:
                 result = op(self.primary)
+            except AdapterRejectedError as exc:  # the primary is fine; only this adapter needs the fallback
+                self._warn_rejected(exc)
+                return op(self.fallback)
             except BackendError as exc:
                 self._mark_down(exc)
             else:
@@ -122,6 +134,15 @@ class FallbackSampler:
             return bool(self.primary.health().get("live"))
         except Exception:
             return False
+
+    def _warn_rejected(self, exc: AdapterRejectedError) -> None:
+        key = str(exc).split(" from ")[0]
+        with self._lock:
+            if key in self._rejected:
+                return
+            self._rejected.add(key)
+        log.warning("%s; sampling that adapter with %s, everything else stays on %s", exc, self.fallback.name,
+                    self.primary.name)
 
     def _mark_down(self, exc: BaseException) -> None:
         with self._lock:

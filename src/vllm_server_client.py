@@ -36,6 +36,7 @@ import httpx
 
 from .backends import (
     AdapterRef,
+    AdapterRejectedError,
     BackendError,
     SampledSequence,
     SampleJob,
@@ -203,8 +204,11 @@ class VLLMServerSampler:
             hint = ("run the server with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
                     if response.status_code == 404 and "load_lora_adapter" in response.text else
                     "the server must see the worker's TINK_STATE_DIR at the same path")
-            raise BackendError(f"vllm server at {self.base_url} could not load adapter {adapter.name!r} from "
-                               f"{adapter.path}: {response.status_code} {response.text[:300]}; {hint}")
+            # A 400 is about this adapter (the server refused its modules or rank); anything else
+            # (runtime LoRA updates off, server error) means the server cannot serve adapters at all.
+            error = AdapterRejectedError if response.status_code == 400 else BackendError
+            raise error(f"vllm server at {self.base_url} could not load adapter {adapter.name!r} from "
+                        f"{adapter.path}: {response.status_code} {response.text[:300]}; {hint}")
         self._adapters[adapter.name] = None
         identity = self._identity.name if self._identity is not None else None
         versions = [name for name in self._adapters if name != identity]  # the identity one stays loaded

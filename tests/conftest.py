@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -62,11 +63,24 @@ class RunningServer:
     state_dir: Path
 
 
+@contextlib.contextmanager
+def serving(app, config) -> Iterator[str]:
+    """Serve `app` in this process as `python -m src serve` does (same waitress sizing); yields its URL."""
+    from src.cli import make_server
+
+    wsgi = make_server(app, config)
+    threading.Thread(target=wsgi.run, daemon=True).start()
+    url = f"http://127.0.0.1:{config.port}"
+    try:
+        _wait_ready(url)
+        yield url
+    finally:
+        wsgi.close()
+
+
 @pytest.fixture(scope="session")
 def server(tiny_model_path, tmp_path_factory) -> Iterator[RunningServer]:
     """A real worker behind waitress on a free loopback port, shared by the session's tests."""
-    from waitress.server import create_server
-
     from src.app import create_app
     from src.config import Config
     from src.worker import Worker
@@ -76,14 +90,8 @@ def server(tiny_model_path, tmp_path_factory) -> Iterator[RunningServer]:
                     admin_keys=(ADMIN_KEY,), port=free_port(),
                     retrieve_wait_s=5.0, threads=32)
     worker = Worker.from_config(config)
-    app = create_app(config, worker)
-    wsgi = create_server(app, host="127.0.0.1", port=config.port, threads=config.threads)
-    thread = threading.Thread(target=wsgi.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{config.port}"
-    _wait_ready(url)
-    yield RunningServer(url=url, worker=worker, state_dir=state)
-    wsgi.close()
+    with serving(create_app(config, worker), config) as url:
+        yield RunningServer(url=url, worker=worker, state_dir=state)
     worker.close()
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from src.app import create_app
 from src.auth import fingerprint
 from src.config import Config
 
-from .conftest import API_KEY, OTHER_KEY, RunningServer, _wait_ready, free_port, new_session
+from .conftest import API_KEY, OTHER_KEY, RunningServer, free_port, new_session, serving
 
 HEADERS = {"X-API-Key": API_KEY}
 
@@ -676,21 +675,14 @@ LIMITS = dict(max_datums=2, max_tokens_per_datum=16, max_tokens_per_request=24, 
 @pytest.fixture(scope="module")
 def limited(tiny_model_path, tmp_path_factory) -> Iterator[RunningServer]:
     """A second real server whose limits are low enough to hit with small requests."""
-    from waitress.server import create_server
-
     from src.worker import Worker
 
     state = tmp_path_factory.mktemp("limited")
     config = Config(base_model=str(tiny_model_path), state_dir=state, api_keys=(API_KEY, OTHER_KEY),
                     port=free_port(), retrieve_wait_s=5.0, threads=8, **LIMITS)
     worker = Worker.from_config(config)
-    wsgi = create_server(create_app(config, worker), host="127.0.0.1", port=config.port, threads=config.threads)
-    thread = threading.Thread(target=wsgi.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{config.port}"
-    _wait_ready(url)
-    yield RunningServer(url=url, worker=worker, state_dir=state)
-    wsgi.close()
+    with serving(create_app(config, worker), config) as url:
+        yield RunningServer(url=url, worker=worker, state_dir=state)
     worker.close()
 
 

@@ -30,7 +30,7 @@ import requests
 import tinker
 from tinker import types
 
-from .conftest import API_KEY, _wait_ready, free_port
+from .conftest import API_KEY, free_port, serving
 
 CLIENTS = int(os.environ.get("TINK_LOAD_CLIENTS", "32"))
 SECONDS = float(os.environ.get("TINK_LOAD_SECONDS", "20"))
@@ -92,7 +92,6 @@ class LoadServer:
 def load_server(tiny_model_path, tmp_path_factory) -> Iterator[LoadServer]:
     """A loopback server sized for CLIENTS: a long-poll thread per client plus room for their posts."""
     from src.app import create_app
-    from src.cli import make_server
     from src.config import Config
     from src.worker import Worker
 
@@ -101,14 +100,8 @@ def load_server(tiny_model_path, tmp_path_factory) -> Iterator[LoadServer]:
                     max_adapters=CLIENTS + 8, max_adapters_per_key=CLIENTS + 8)
     worker = Worker.from_config(config)
     traffic = Traffic()
-    app = CountingMiddleware(create_app(config, worker), traffic)
-    wsgi = make_server(app, config)  # as `python -m src serve` builds it
-    thread = threading.Thread(target=wsgi.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{config.port}"
-    _wait_ready(url)
-    yield LoadServer(url=url, worker=worker, traffic=traffic)
-    wsgi.close()
+    with serving(CountingMiddleware(create_app(config, worker), traffic), config) as url:
+        yield LoadServer(url=url, worker=worker, traffic=traffic)
     worker.close()
 
 

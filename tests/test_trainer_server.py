@@ -7,6 +7,7 @@ CPU against PEFT; ordering; 4xx/5xx mapping; and a rank killed mid-operation.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import torch
 from src.backends import AdamParams, BackendError, LoraSpec, TrainDatum, UserInputError
 from src.megatron_backend import MegatronTrainer, decode, encode
 
-from .conftest import REPO, free_port
+from .conftest import REPO, free_port, serving
 
 # fp32 on CPU, same weights and adapter: the engines differ only in summation order.
 LOGPROB_TOL = 1e-4
@@ -627,7 +628,6 @@ def test_worker_trains_through_the_megatron_server_and_samples_its_export(tiny_m
     import requests
     import tinker
     from tinker import types
-    from waitress.server import create_server
 
     from src.app import create_app
     from src.config import Config
@@ -643,17 +643,9 @@ def test_worker_trains_through_the_megatron_server_and_samples_its_export(tiny_m
     trainer = build_trainer(config, config.base_model)  # what USE_MEGATRON=true picks
     assert isinstance(trainer, MegatronTrainer)
     worker = Worker(config, trainer, HFSampler(config.base_model, device="cpu"), Store(config.database_path))
-    wsgi = create_server(create_app(config, worker), host="127.0.0.1", port=config.port, threads=8)
-    threading.Thread(target=wsgi.run, daemon=True).start()
+    stack = contextlib.ExitStack()
     try:
-        url = f"http://127.0.0.1:{config.port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if requests.get(f"{url}/api/v1/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.2)
+        url = stack.enter_context(serving(create_app(config, worker), config))
         service = tinker.ServiceClient(base_url=url, api_key=api_key)
         tc = service.create_lora_training_client(base_model=config.base_model, rank=8, seed=0).result()
         tokens = list(range(10, 40))
@@ -688,6 +680,6 @@ def test_worker_trains_through_the_megatron_server_and_samples_its_export(tiny_m
             "model_id": saved.path, "prompts": ["hello"], "sampling_params": {"max_tokens": 3}})
         assert sampled.status_code == 200, sampled.text
     finally:
-        wsgi.close()
+        stack.close()
         worker.close()
         trainer_server.stop()

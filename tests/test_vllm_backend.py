@@ -13,7 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from src.backends import AdapterRef, BackendError, SampleJob, Sampler, SamplingParams, UserInputError
+from src.backends import (
+    AdapterRef,
+    AdapterRejectedError,
+    BackendError,
+    SampleJob,
+    Sampler,
+    SamplingParams,
+    UserInputError,
+)
 from tests import vllm_fixtures
 from tests.vllm_fixtures import make_adapter, requires_vllm
 
@@ -257,3 +265,25 @@ def test_perplexity_matches_hf(engine, hf_sampler, vllm_adapters):
         theirs = perplexity(hf_sampler, tokens, context_length=32, stride=16, adapter=ref)
         assert ours == pytest.approx(theirs, rel=1e-3)
         assert ours > 1.0
+
+
+def test_an_adapter_vllm_refuses_is_served_by_hf_alone(engine, hf_sampler, tiny_model_path, vllm_adapters, tmp_path):
+    """DoRA adapters load in PEFT but not in vLLM: that one adapter goes to HF, vLLM stays active."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from src.sampler_fallback import FallbackSampler
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                  use_dora=True, task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(tmp_path / "dora")
+    dora = AdapterRef("dora", tmp_path / "dora", rank=8)
+    with pytest.raises(AdapterRejectedError):
+        engine.sample(SampleJob(PROMPTS[0], 1, GREEDY, dora))
+
+    sampler = FallbackSampler(engine, hf_sampler, retry_s=600)
+    served = sampler.sample(SampleJob(PROMPTS[0], 1, GREEDY, dora)).sequences[0]
+    assert served.tokens == greedy(hf_sampler, PROMPTS[0], dora).tokens
+    assert sampler.health()["active"] == "vllm"  # not marked down: other adapters stay on vLLM
+    assert_same(greedy(sampler, PROMPTS[1], vllm_adapters["b"]), greedy(hf_sampler, PROMPTS[1], vllm_adapters["b"]))

@@ -4,8 +4,6 @@ logprob gap and the perplexity of vLLM and the trainer agree."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import requests
@@ -17,7 +15,7 @@ from src.backends import SampleJob, SamplingParams
 from tests import vllm_fixtures
 from tests.vllm_fixtures import requires_vllm
 
-from .conftest import API_KEY, OTHER_KEY, _wait_ready, free_port
+from .conftest import API_KEY, OTHER_KEY, free_port, serving
 from .test_sample_api import (
     check_gap_is_small,
     check_perplexity_agrees,
@@ -35,7 +33,6 @@ pytestmark = [pytest.mark.vllm, requires_vllm]
 @pytest.fixture(scope="module")
 def vllm_server(tiny_model_path, tmp_path_factory, vllm_engine, hf_sampler):
     """A worker whose sampler is the session's vLLM engine (HF generate as its fallback)."""
-    from waitress.server import create_server
 
     from src.app import create_app
     from src.config import Config
@@ -49,12 +46,8 @@ def vllm_server(tiny_model_path, tmp_path_factory, vllm_engine, hf_sampler):
                     retrieve_wait_s=5.0, threads=16, use_vllm=True, max_lora_rank=8, device="cpu", dtype="float32")
     trainer = HFTrainer(str(tiny_model_path), device="cpu", dtype="float32")
     worker = Worker(config, trainer, FallbackSampler(vllm_engine, hf_sampler, retry_s=1.0), Store(config.database_path))
-    wsgi = create_server(create_app(config, worker), host="127.0.0.1", port=config.port, threads=config.threads)
-    threading.Thread(target=wsgi.run, daemon=True).start()
-    url = f"http://127.0.0.1:{config.port}"
-    _wait_ready(url)
-    yield url, worker
-    wsgi.close()
+    with serving(create_app(config, worker), config) as url:
+        yield url, worker
     worker.scheduler.shutdown(10)  # not worker.close(): the engine belongs to the whole session
     worker.store.close()
 
