@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
+from .api import post, result
 from .conftest import API_KEY, _wait_ready, free_port, new_session
 
 HEADERS = {"X-API-Key": API_KEY}
@@ -98,18 +99,6 @@ def fault_server(tiny_model_path, tmp_path_factory) -> Iterator[FaultServer]:
     worker.close()
 
 
-def post(url: str, path: str, body: dict) -> dict:
-    resp = requests.post(f"{url}/api/v1/{path}", json=body, headers=HEADERS, timeout=60)
-    assert resp.status_code == 200, resp.text
-    return resp.json()
-
-
-def result(url: str, request_id: str) -> dict:
-    for _ in range(40):
-        answer = post(url, "retrieve_future", {"request_id": request_id})
-        if answer.get("type") != "try_again":
-            return answer
-    raise TimeoutError(request_id)
 
 
 def create_model(url: str, base: str) -> str:

@@ -4,28 +4,11 @@ from __future__ import annotations
 
 import signal
 
-import requests
-
 from src.auth import fingerprint
 from src.store import RESTART_REASON, Store
 
+from .api import post, result
 from .conftest import API_KEY, free_port, new_session, start_worker_process
-
-HEADERS = {"X-API-Key": API_KEY}
-
-
-def call(url: str, path: str, body: dict) -> dict:
-    resp = requests.post(f"{url}/api/v1/{path}", json=body, headers=HEADERS, timeout=30)
-    assert resp.status_code == 200, resp.text
-    return resp.json()
-
-
-def result(url: str, request_id: str) -> dict:
-    for _ in range(30):
-        answer = call(url, "retrieve_future", {"request_id": request_id})
-        if answer.get("type") != "try_again":
-            return answer
-    raise TimeoutError(request_id)
 
 
 def test_restart_keeps_finished_results_and_fails_unfinished(tiny_model_path, tmp_path):
@@ -33,13 +16,13 @@ def test_restart_keeps_finished_results_and_fails_unfinished(tiny_model_path, tm
     url = f"http://127.0.0.1:{port}"
     proc = start_worker_process(tiny_model_path, tmp_path, port)
     try:
-        created = call(url, "create_model", {"session_id": new_session(), "model_seq_id": 0, "base_model": str(tiny_model_path),
+        created = post(url, "create_model", {"session_id": new_session(), "model_seq_id": 0, "base_model": str(tiny_model_path),
                                              "lora_config": {"rank": 4}})
         model_id = created["model_id"]
         assert result(url, created["request_id"])["model_id"] == model_id
-        step = call(url, "optim_step", {"model_id": model_id, "adam_params": {"learning_rate": 0.01}})
+        step = post(url, "optim_step", {"model_id": model_id, "adam_params": {"learning_rate": 0.01}})
         first = result(url, step["request_id"])
-        saved = call(url, "save_weights", {"model_id": model_id, "path": "kept"})
+        saved = post(url, "save_weights", {"model_id": model_id, "path": "kept"})
         assert result(url, saved["request_id"])["path"] == f"tinker://{model_id}/weights/kept"
     finally:
         proc.send_signal(signal.SIGKILL)  # no chance to clean up: like a crash
@@ -56,9 +39,9 @@ def test_restart_keeps_finished_results_and_fails_unfinished(tiny_model_path, tm
         lost = result(url, "forward_backward-inflight")
         assert lost["error"] == RESTART_REASON and lost["category"] == "server"
         # The model comes back from its last checkpoint and keeps training.
-        again = call(url, "optim_step", {"model_id": model_id, "adam_params": {"learning_rate": 0.01}})
+        again = post(url, "optim_step", {"model_id": model_id, "adam_params": {"learning_rate": 0.01}})
         assert "metrics" in result(url, again["request_id"])
-        info = call(url, "get_info", {"model_id": model_id})
+        info = post(url, "get_info", {"model_id": model_id})
         assert info["lora_rank"] == 4
     finally:
         proc.send_signal(signal.SIGTERM)

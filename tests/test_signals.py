@@ -20,6 +20,7 @@ import requests
 import torch
 from safetensors.numpy import load_file
 
+from .api import get, post, result
 from .conftest import API_KEY, free_port, new_session, start_worker_process
 
 HEADERS = {"X-API-Key": API_KEY}
@@ -29,24 +30,7 @@ CLIENTS = 3
 BACKLOG = 150  # acknowledged operations per model before SIGTERM: several seconds of work on 2 cores
 
 
-def post(url: str, path: str, body: dict) -> dict:
-    resp = requests.post(f"{url}/api/v1/{path}", json=body, headers=HEADERS, timeout=60)
-    assert resp.status_code == 200, resp.text
-    return resp.json()
 
-
-def get(url: str, path: str) -> dict:
-    resp = requests.get(f"{url}/api/v1/{path}", headers=HEADERS, timeout=30)
-    assert resp.status_code == 200, resp.text
-    return resp.json()
-
-
-def result(url: str, request_id: str) -> dict:
-    for _ in range(60):
-        answer = post(url, "retrieve_future", {"request_id": request_id})
-        if answer.get("type") != "try_again":
-            return answer
-    raise TimeoutError(request_id)
 
 
 def datum(seed: int, length: int = 48) -> dict:

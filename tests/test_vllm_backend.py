@@ -23,7 +23,7 @@ from src.backends import (
     UserInputError,
 )
 from tests import vllm_fixtures
-from tests.vllm_fixtures import make_adapter, requires_vllm
+from tests.vllm_fixtures import LOGPROB_TOL, assert_same, make_adapter, requires_vllm
 
 hf_sampler, vllm_adapters, vllm_engine = (vllm_fixtures.hf_sampler, vllm_fixtures.vllm_adapters,  # session fixtures
                                           vllm_fixtures.vllm_engine)
@@ -32,7 +32,6 @@ pytestmark = [pytest.mark.vllm, requires_vllm]
 
 PROMPTS = [[1, 40, 41, 97, 12], [1, 200, 7], [1, 33, 34, 35, 36, 37, 38, 39, 300, 301]]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
-LOGPROB_TOL = 1e-4
 
 
 @pytest.fixture
@@ -44,12 +43,6 @@ def greedy(sampler, prompt, adapter=None, **kw):
     return sampler.sample(SampleJob(prompt, 1, SamplingParams(**{"max_tokens": 12, "temperature": 0.0, **kw}),
                                     adapter)).sequences[0]
 
-
-def assert_same(vllm_seq, hf_seq):
-    assert vllm_seq.tokens == hf_seq.tokens
-    assert vllm_seq.stop_reason == hf_seq.stop_reason
-    gap = max(abs(a - b) for a, b in zip(vllm_seq.logprobs, hf_seq.logprobs))
-    assert gap <= LOGPROB_TOL, f"logprob gap {gap:.2e}"
 
 
 def test_implements_sampler(engine):

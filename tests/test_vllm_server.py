@@ -15,7 +15,7 @@ import pytest
 from src.backends import BackendError, SampleJob, Sampler, SamplingParams, UserInputError
 from tests import vllm_fixtures
 from tests.conftest import free_port
-from tests.vllm_fixtures import VLLMServer, requires_vllm
+from tests.vllm_fixtures import GREEDY, LOGPROB_TOL, VLLMServer, assert_same, one, requires_vllm
 
 hf_sampler, vllm_adapters = vllm_fixtures.hf_sampler, vllm_fixtures.vllm_adapters  # session fixtures
 
@@ -23,8 +23,6 @@ pytestmark = [pytest.mark.vllm, requires_vllm]
 
 PROMPT = [1, 40, 41, 97, 12]
 LONG = [1, 33, 34, 35, 36, 37, 38, 39, 300, 301]
-GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
-TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +42,6 @@ def client(vllm_server):
     sampler.close()
 
 
-def one(sampler, prompt, adapter=None, params=GREEDY):
-    return sampler.sample(SampleJob(prompt, 1, params, adapter)).sequences[0]
-
-
-def assert_same(a, b):
-    assert a.tokens == b.tokens and a.stop_reason == b.stop_reason
-    assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= TOL
 
 
 def test_health_and_protocol(client):
@@ -87,7 +78,7 @@ def test_prompt_logprobs_and_greedy_copies(client, hf_sampler, vllm_adapters):
     result = client.sample(SampleJob(LONG, 2, GREEDY, ref, prompt_logprobs=True))
     assert len(result.sequences) == 2 and result.sequences[0].tokens == result.sequences[1].tokens
     assert result.prompt_logprobs[0] is None
-    assert result.prompt_logprobs[1:] == pytest.approx(hf_sampler.compute_logprobs(ref, LONG)[1:], abs=TOL)
+    assert result.prompt_logprobs[1:] == pytest.approx(hf_sampler.compute_logprobs(ref, LONG)[1:], abs=LOGPROB_TOL)
 
 
 def test_seeded_sampling(client, vllm_adapters):

@@ -13,7 +13,7 @@ import pytest
 from src.backends import AdapterRef, SampleJob, SamplingParams, UserInputError
 from tests import vllm_fixtures
 from tests.conftest import free_port
-from tests.vllm_fixtures import VLLMServer, requires_vllm
+from tests.vllm_fixtures import GREEDY, LOGPROB_TOL, VLLMServer, assert_same, one, requires_vllm
 
 hf_sampler = vllm_fixtures.hf_sampler  # a session fixture
 
@@ -21,8 +21,6 @@ pytestmark = [pytest.mark.vllm, requires_vllm]
 
 PROMPT = [1, 40, 41, 97, 12]
 LONG = [1, 33, 34, 35, 36, 37, 38, 39, 300, 301]
-GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
-TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +31,6 @@ def trl_cpu_server(tiny_model_path, tmp_path_factory):
     server.stop()
 
 
-def one(sampler, prompt, adapter=None, params=GREEDY):
-    return sampler.sample(SampleJob(prompt, 1, params, adapter)).sequences[0]
-
-
-def assert_same(a, b):
-    assert a.tokens == b.tokens and a.stop_reason == b.stop_reason
-    assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= TOL
 
 
 def test_trl_client_generates_and_scores_like_hf(trl_cpu_server, hf_sampler):
@@ -52,7 +43,7 @@ def test_trl_client_generates_and_scores_like_hf(trl_cpu_server, hf_sampler):
     result = sampler.sample(SampleJob(LONG, 2, GREEDY, prompt_logprobs=True))
     for seq in result.sequences:
         assert_same(seq, one(hf_sampler, LONG))
-    assert result.prompt_logprobs[1:] == pytest.approx(hf_sampler.compute_logprobs(None, LONG)[1:], abs=TOL)
+    assert result.prompt_logprobs[1:] == pytest.approx(hf_sampler.compute_logprobs(None, LONG)[1:], abs=LOGPROB_TOL)
     seeded = SampleJob(PROMPT, 3, SamplingParams(max_tokens=8, temperature=1.0, seed=4))
     assert [s.tokens for s in sampler.sample(seeded).sequences] == [s.tokens for s in sampler.sample(seeded).sequences]
     with pytest.raises(UserInputError, match="holds the base model"):

