@@ -1,7 +1,9 @@
 """TRL weight sync (NCCL, vLLM's weight-transfer engine): GPU only, run on the device machine.
 
-Starts `vllm serve`-equivalent with `--weight-transfer-config '{"backend": "nccl"}'`, pushes a merged
-LoRA policy with `TRLVLLMSampler.sync_adapter` and checks that greedy samples then equal HF+PEFT's.
+Starts `vllm serve`-equivalent with `--weight-transfer-config '{"backend": "nccl"}'` on GPU 0, pushes a
+merged LoRA policy from GPU 1 with `TRLVLLMSampler.sync_adapter` and checks that greedy samples then
+equal HF+PEFT's. Needs two GPUs: NCCL refuses a communicator with two ranks on one device
+("invalid usage" in ncclCommInitRank, seen on nvidia-h100-x1 with vLLM 0.26.0, 2026-11-24).
 """
 
 from __future__ import annotations
@@ -22,6 +24,18 @@ hf_sampler, vllm_adapters = vllm_fixtures.hf_sampler, vllm_fixtures.vllm_adapter
 pytestmark = [pytest.mark.vllm, pytest.mark.gpu, requires_vllm]
 
 
+def _two_gpus() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.device_count() >= 2
+
+
+needs_two_gpus = pytest.mark.skipif(not _two_gpus(), reason="NCCL weight sync needs the server and the trainer "
+                                    "on different GPUs (two ranks on one device is invalid NCCL usage)")
+
+
 @pytest.fixture(scope="module")
 def trl_server(tiny_model_path, tmp_path_factory):
     port = free_port()
@@ -30,7 +44,7 @@ def trl_server(tiny_model_path, tmp_path_factory):
                              "--host", "127.0.0.1", "--port", str(port), "--weight-transfer-config", '{"backend": "nccl"}',
                              "--logprobs-mode", "processed_logprobs", "--max-logprobs", "-1", "--dtype", "bfloat16",
                              "--generation-config", "vllm", "--gpu-memory-utilization", "0.3", "--enforce-eager"],
-                            env=dict(os.environ, VLLM_SERVER_DEV_MODE="1"), stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, VLLM_SERVER_DEV_MODE="1", CUDA_VISIBLE_DEVICES="0"), stdout=log, stderr=subprocess.STDOUT,
                             cwd=REPO, start_new_session=True)
     wait_http(f"http://127.0.0.1:{port}/health", 600, proc)
     yield f"http://127.0.0.1:{port}"
@@ -38,11 +52,12 @@ def trl_server(tiny_model_path, tmp_path_factory):
     proc.wait(60)
 
 
+@needs_two_gpus
 def test_sync_merged_adapter_then_sample(trl_server, tiny_model_path, hf_sampler, vllm_adapters):
     pytest.importorskip("trl.generation.vllm_client")
     from src.trl_backend import TRLVLLMSampler
 
-    sampler = TRLVLLMSampler(trl_server, device="cuda:0")
+    sampler = TRLVLLMSampler(trl_server, device="cuda:1")  # the trainer's side of the NCCL group
     prompt, greedy = [1, 40, 41, 97, 12], SamplingParams(max_tokens=6, temperature=0.0)
     before = sampler.sample(SampleJob(prompt, 1, greedy)).sequences[0].tokens
     ref = vllm_adapters["a"]
