@@ -22,7 +22,11 @@ class BackendError(RuntimeError):
 
 class AdapterRejectedError(BackendError):
     """The sampler is healthy but cannot serve this one adapter (e.g. vLLM has no LoRA support for a
-    module it trains, such as a Qwen2 lm_head). A fallback sampler serves that adapter instead."""
+    module it trains). A fallback sampler serves that adapter instead; `cause` is the sampler's own reason."""
+
+    def __init__(self, message: str, adapter: str | None = None, cause: str | None = None):
+        super().__init__(message)
+        self.adapter, self.cause = adapter, cause
 
 
 class UserInputError(ValueError):
@@ -188,6 +192,7 @@ class SampleResult:
     # One entry per prompt token; the first is None (no context precedes it).
     prompt_logprobs: list[float | None] | None = None
     extras: dict[str, float] = field(default_factory=dict)
+    served_by: str = ""  # the sampler that produced it (set by FallbackSampler: "vllm", "hf", ...)
 
 
 TokenSink = Callable[[int, list[int], list[float]], None]

@@ -45,9 +45,15 @@ def serve(config=None) -> None:
     app = create_app(config)
     worker = app.extensions["tink.worker"]
     server = make_server(app, config)
-    logging.getLogger("tink").info("Tink worker on http://%s:%s serving %s (trainer=%s, sampler=%s)",
-                                   config.host, server.effective_port, worker.base_model,
-                                   worker.trainer.name, worker.sampler.name)
+    health = worker.health()
+    logging.getLogger("tink").info("Tink worker on http://%s:%s serving %s (trainer=%s, sampler=%s, status=%s)%s",
+                                   config.host, server.effective_port, worker.base_model, worker.trainer.name,
+                                   health["sampler"].get("active", worker.sampler.name), health["status"],
+                                   "".join(f"\n  degraded: {reason}" for reason in health["reasons"]))
+    gpu = health["memory"].get("gpu")
+    if gpu:
+        logging.getLogger("tink").info("GPU memory at start: %.1f of %.1f GiB free (%s)", gpu["free_gib"],
+                                       gpu["total_gib"], gpu["device"])
     print(f"TINK_READY http://{config.host}:{server.effective_port}", flush=True)
 
     stop = threading.Event()
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("serve", help="run the worker (configured by env vars / .env)")
     build = sub.add_parser("build-model", help="build the tiny local model folder")
     build.add_argument("path")
-    build.add_argument("--family", default="llama", choices=["llama", "qwen2"])
+    build.add_argument("--family", default="llama", choices=["llama", "qwen2", "qwen3"])
     demo = sub.add_parser("demo", help="start a worker on the tiny model and run the RL demo")
     demo.add_argument("--steps", type=int, default=30)
     args = parser.parse_args(argv)

@@ -48,6 +48,9 @@ _ENV_FIELDS: dict[str, str] = {
     "TINK_MAX_SAMPLE_TOKENS": "max_sample_tokens",
     "TINK_MAX_NUM_SAMPLES": "max_num_samples",
     "TINK_HF_SAMPLER_ADAPTERS": "hf_sampler_adapters",
+    "TINK_TRAIN_MICROBATCH_TOKENS": "train_microbatch_tokens",
+    "TINK_GRADIENT_CHECKPOINTING": "gradient_checkpointing",
+    "TINK_TRAIN_MEMORY_RESERVE_GB": "train_memory_reserve_gb",
     "USE_VLLM": "use_vllm",
     "USE_MEGATRON": "use_megatron",
     "VLLM_BACKEND": "vllm_backend",
@@ -78,8 +81,10 @@ class Config:
     api_keys_file: Path | None = None
     admin_keys: tuple[str, ...] = ()
     shutdown_grace_s: float = 30.0  # SIGTERM: time to finish queued work before failing the rest
-    threads: int = 64  # WSGI threads; each waiting retrieve_future holds one
-    sampling_threads: int = 16  # concurrent sampling operations handed to the sampler
+    threads: int = 256  # WSGI threads; each waiting retrieve_future holds one (a GRPO step has 64+ in flight)
+    # Concurrent sampling operations handed to the sampler; None: 256 with vLLM (each operation waits on
+    # the engine, which batches them: fewer threads cap the batch), 16 with HF (it runs one at a time).
+    sampling_threads: int | None = None
     retrieve_wait_s: float = 20.0  # long-poll of retrieve_future before answering try_again
     # --- model
     base_model: str = EMBEDDED_MODEL
@@ -96,6 +101,10 @@ class Config:
     max_sample_tokens: int = 32768
     max_num_samples: int = 1024
     hf_sampler_adapters: int = 8
+    # --- trainer memory (see src/memory.py)
+    train_microbatch_tokens: int = 16384  # most (padded) tokens in one forward pass; fewer if memory is short
+    gradient_checkpointing: str = "auto"  # auto | true | false
+    train_memory_reserve_gb: float | None = None  # GPU memory kept for training when vLLM shares the GPU
     # --- backends
     use_vllm: bool = False
     use_megatron: bool = False
@@ -105,13 +114,19 @@ class Config:
     vllm_max_loras: int = 4
     vllm_max_lora_rank: int = 64
     vllm_max_cpu_loras: int | None = None
-    vllm_gpu_memory_utilization: float | None = None  # None: 0.9 on GPU, 0.1 on CPU
+    vllm_gpu_memory_utilization: float | None = None  # None: the memory plan on GPU, 0.1 on CPU
     vllm_max_model_len: int | None = None
     vllm_enforce_eager: bool | None = None  # None: True on CPU
     vllm_fallback_retry_s: float = 30.0
     vllm_max_num_seqs: int | None = None  # None: vLLM's offline (LLM class) default for the device
     vllm_max_num_batched_tokens: int | None = None
     megatron_server_url: str | None = None
+
+    @property
+    def sampling_concurrency(self) -> int:
+        if self.sampling_threads is not None:
+            return self.sampling_threads
+        return 256 if self.use_vllm else 16
 
     @property
     def database_path(self) -> Path:
@@ -170,6 +185,14 @@ class Config:
             raise ConfigError("USE_MEGATRON=true needs MEGATRON_SERVER_URL (e.g. http://127.0.0.1:8100)")
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ConfigError(f"TINK_API_KEYS_FILE={self.api_keys_file} does not exist")
+        if self.gradient_checkpointing not in ("auto", "true", "false"):
+            raise ConfigError(f"TINK_GRADIENT_CHECKPOINTING must be auto, true or false, got "
+                              f"{self.gradient_checkpointing!r}")
+        if self.train_microbatch_tokens < 1:
+            raise ConfigError(f"TINK_TRAIN_MICROBATCH_TOKENS must be >= 1, got {self.train_microbatch_tokens}")
+        if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError("VLLM_GPU_MEMORY_UTILIZATION must be in (0, 1], got "
+                              f"{self.vllm_gpu_memory_utilization}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"TINK_PORT must be a port number, got {self.port}")
 

@@ -61,7 +61,10 @@ class HFSampler:
 
     name = "hf"
 
-    def __init__(self, base_model: str, device: str = "auto", dtype: str = "auto", max_loaded_adapters: int = 8):
+    def __init__(self, base_model: str, device: str = "auto", dtype: str = "auto", max_loaded_adapters: int = 8,
+                 model: torch.nn.Module | None = None):
+        """`model`: an already loaded base model to sample from (the trainer's, sharing its weights, see
+        `HFTrainer.share_base_model`); else `base_model` is loaded on `device` in `dtype`."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if max_loaded_adapters < 1:
@@ -73,11 +76,16 @@ class HFSampler:
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else "cpu" if device == "auto" else device)
         self.dtype = _DTYPES.get(dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(base_model, dtype=self.dtype)
-        except (OSError, ValueError) as exc:
-            raise BackendError(f"hf sampler could not load base model {base_model!r} ({exc}); set TINK_BASE_MODEL "
-                               "to a Hugging Face model folder or hub id") from exc
+        self.shares_weights = model is not None
+        if model is None:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(base_model, dtype=self.dtype)
+            except (OSError, ValueError) as exc:
+                raise BackendError(f"hf sampler could not load base model {base_model!r} ({exc}); set "
+                                   "TINK_BASE_MODEL to a Hugging Face model folder or hub id") from exc
+        else:
+            weight = next(model.parameters())
+            self.device, self.dtype = weight.device, weight.dtype
         self._hf = model.to(self.device).eval().requires_grad_(False)
         config = model.config.get_text_config()
         # EOS ids from both configs: instruct checkpoints often list their end-of-turn token
@@ -143,7 +151,8 @@ class HFSampler:
 
     def health(self) -> dict[str, object]:
         return {"live": not self._closed, "backend": self.name, "base_model": self.base_model,
-                "device": str(self.device), "loaded_adapters": len(self._adapters)}
+                "device": str(self.device), "loaded_adapters": len(self._adapters),
+                "base_weights": "shared with the trainer" if self.shares_weights else "own copy"}
 
     def loaded_adapters(self) -> list[str]:
         """Names of the adapters in memory, least recently used first (the next to be evicted)."""

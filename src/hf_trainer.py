@@ -24,7 +24,7 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backends import AdamParams, BackendError, ForwardBackwardResult, LoraSpec, TrainDatum, UserInputError
 from .losses import microbatch_loss, validate_inputs
+from .memory import MicrobatchBudget, activation_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,14 @@ class HFTrainer:
     name = "hf-peft"
 
     def __init__(self, base_model: str, device: str = "auto", dtype: str = "auto", max_adapters: int = 64,
-                 microbatch_tokens: int = 16384):
+                 microbatch_tokens: int = 16384, gradient_checkpointing: str = "auto"):
         from transformers import AutoModelForCausalLM
 
+        if gradient_checkpointing not in ("auto", "true", "false"):
+            raise ValueError(f"TINK_GRADIENT_CHECKPOINTING must be auto, true or false, got {gradient_checkpointing!r}")
         self.base_model = base_model
         self.max_adapters = max_adapters
-        # Datums are packed into forward passes of at most this many (padded) tokens.
-        self.microbatch_tokens = microbatch_tokens
+        self.gradient_checkpointing = gradient_checkpointing
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else "cpu" if device == "auto" else device)
         if dtype != "auto" and dtype not in _DTYPES:
@@ -85,6 +87,18 @@ class HFTrainer:
             raise BackendError(f"hf-peft could not load base model {base_model!r} ({exc}); set TINK_BASE_MODEL "
                                "to a Hugging Face model folder or hub id") from exc
         self._hf = model.to(self.device).eval().requires_grad_(False)  # eval: no dropout, as in Tinker
+        # The same modules over the same (frozen) tensors, taken before PEFT wraps any layer: the HF
+        # sampler runs on it, so a worker holds one copy of the base weights (see share_base_model).
+        self._base_twin = copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())})
+        self._checkpoint_layers = _enable_checkpointing(model)
+        # Datums are packed into forward passes of at most this many (padded) tokens, fewer when memory is short.
+        bytes_per_element = torch.finfo(self.dtype).bits // 8
+        self.budget = MicrobatchBudget(
+            self.device, microbatch_tokens,
+            {ckpt: activation_bytes_per_token(model.config, bytes_per_element, ckpt) for ckpt in (False, True)},
+            fixed_bytes=3 * 4 * LOGIT_CHUNK_ELEMENTS)  # an fp32 logits chunk, its softmax and its gradient
+        self._last_checkpointed: bool | None = None
+        self._last_microbatches: list[int] = []  # padded tokens of each micro-batch of the last forward_backward
         self._peft = None  # the PeftModel, made by the first create_adapter
         self._vocab = int(model.get_output_embeddings().weight.shape[0])
         self._linear_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
@@ -94,8 +108,32 @@ class HFTrainer:
         self._serial = 0
         self._lock = threading.RLock()
         self._split_head = self._head_is_plain_linear()
-        log.info("hf-peft: %s on %s/%s, %s logits", base_model, self.device, self.dtype,
-                 "chunked" if self._split_head else "full (the model post-processes its logits)")
+        log.info("hf-peft: %s on %s/%s, %s logits, micro-batches of <= %d tokens, activation checkpointing %s%s",
+                 base_model, self.device, self.dtype,
+                 "chunked" if self._split_head else "full (the model post-processes its logits)", microbatch_tokens,
+                 gradient_checkpointing, "" if self._checkpoint_layers else " (this model cannot checkpoint)")
+
+    @property
+    def microbatch_tokens(self) -> int:
+        """The most padded tokens in one forward pass (TINK_TRAIN_MICROBATCH_TOKENS); fewer when memory is short."""
+        return self.budget.cap_tokens
+
+    @microbatch_tokens.setter
+    def microbatch_tokens(self, tokens: int) -> None:
+        self.budget.cap_tokens = tokens
+
+    def share_base_model(self) -> torch.nn.Module:
+        """The base model without adapters, over this trainer's own weight tensors (no copy).
+
+        The tensors are frozen and never written, so another component (the HF sampler) may run
+        forward passes on it from its own thread while this trainer trains.
+        """
+        return self._base_twin
+
+    def memory_report(self) -> dict[str, object]:
+        """What the trainer knows about its memory: the micro-batch budget and the checkpointing it used last."""
+        return {"gradient_checkpointing": self.gradient_checkpointing, "last_checkpointed": self._last_checkpointed,
+                "last_microbatch_tokens": list(self._last_microbatches), "microbatch": self.budget.as_dict()}
 
     # ------------------------------------------------------------------ adapters
 
@@ -167,27 +205,104 @@ class HFTrainer:
         """Sum the loss over `data`; unless `forward_only`, add its gradient to the adapter's.
 
         Every datum is validated before any gradient is touched, so a bad batch changes nothing.
+        Micro-batches are sized to the memory free now; after an out-of-memory error the whole call
+        runs again with half the budget (and checkpointing, in auto mode), from the gradients it
+        started with. If a single datum still does not fit, the call fails and the adapter's
+        pending gradients are exactly what they were before it.
         """
         with self._lock:
             adapter = self._get(model_id)
             self._validate(data, loss_fn, loss_fn_config)
-            outputs: list[dict[str, np.ndarray]] = []
-            metrics = {"loss:sum": 0.0}
-            grad_mode = torch.no_grad() if forward_only else nullcontext()
+            earlier = None if forward_only else _take_grads(adapter.params.values())
             try:
-                with self._activated(adapter), grad_mode:
-                    for batch in self._microbatches(data):
-                        logprobs = self._target_logprobs([d.tokens for d in batch],
-                                                         [d.loss_fn_inputs["target_tokens"] for d in batch])
-                        total, scored = microbatch_loss(loss_fn, logprobs, batch, loss_fn_config, metrics)
-                        outputs.extend(scored)
-                        metrics["loss:sum"] += float(total.detach())
-                        if not forward_only and total.requires_grad:
-                            total.backward()  # per microbatch: activations are freed before the next
+                return self._run_until_it_fits(model_id, adapter, data, loss_fn, loss_fn_config, forward_only)
+            except BaseException:
+                if earlier is not None:
+                    _take_grads(adapter.params.values())  # a failed call leaves no partial gradient behind
+                raise
+            finally:
+                if earlier is not None:
+                    _add_grads(adapter.params.values(), earlier)
+
+    def _run_until_it_fits(self, model_id: str, adapter: _Adapter, data: list[TrainDatum], loss_fn: str,
+                           loss_fn_config: dict[str, float | str] | None, forward_only: bool) -> ForwardBackwardResult:
+        """`_run_microbatches`, again with smaller micro-batches (or checkpointing) after each out-of-memory
+        error, from no pending gradient each time, until it fits or a single datum does not."""
+        longest = max(len(d.tokens) for d in data)
+        checkpointing = bool(not forward_only and self._checkpoint_layers
+                             and self.budget.should_checkpoint(self.gradient_checkpointing, longest))
+        while True:
+            try:
+                result = self._run_microbatches(adapter, data, loss_fn, loss_fn_config, forward_only, checkpointing)
+                self._last_checkpointed = checkpointing
+                return result
             except torch.OutOfMemoryError as exc:
-                raise BackendError(f"hf-peft ran out of memory in forward_backward for {model_id!r}; its pending "
-                                   "gradients may be partial: send fewer or shorter datums") from exc
-            return ForwardBackwardResult(loss_fn_outputs=outputs, metrics=metrics)
+                if not forward_only:
+                    _take_grads(adapter.params.values())  # drop this attempt's partial gradients
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                failed, failed_tokens = getattr(exc, "tink_microbatch", (len(data), longest * len(data)))
+                if failed > 1:
+                    self.budget.shrink(checkpointing, failed_tokens)
+                elif (not checkpointing and not forward_only and self._checkpoint_layers
+                      and self.gradient_checkpointing == "auto"):
+                    checkpointing = True
+                else:
+                    raise BackendError(
+                        f"hf-peft ran out of memory in forward_backward for {model_id!r} on one datum of {longest} "
+                        f"tokens (activation checkpointing {'on' if checkpointing else 'off'}); its pending gradients "
+                        "are unchanged. Send shorter datums, set TINK_GRADIENT_CHECKPOINTING=true, or give training "
+                        "more of the GPU (TINK_TRAIN_MEMORY_RESERVE_GB, VLLM_GPU_MEMORY_UTILIZATION)") from exc
+                log.warning("hf-peft: out of memory in forward_backward for %s; retrying with micro-batches of <= %d "
+                            "tokens, activation checkpointing %s", model_id, self.budget.tokens(checkpointing),
+                            "on" if checkpointing else "off")
+
+    def _run_microbatches(self, adapter: _Adapter, data: list[TrainDatum], loss_fn: str,
+                          loss_fn_config: dict[str, float | str] | None, forward_only: bool,
+                          checkpointing: bool) -> ForwardBackwardResult:
+        outputs: list[dict[str, np.ndarray]] = []
+        metrics = {"loss:sum": 0.0}
+        grad_mode = torch.no_grad() if forward_only else nullcontext()
+        self._last_microbatches = []
+        with self._activated(adapter), grad_mode, self._checkpointing(checkpointing):
+            start = 0
+            while start < len(data):
+                batch = _next_microbatch(data, start, self.budget.tokens(checkpointing))
+                padded_tokens = len(batch) * max(len(d.tokens) for d in batch)
+                self.budget.start()  # reset the peak-memory counter
+                try:
+                    logprobs = self._target_logprobs([d.tokens for d in batch],
+                                                     [d.loss_fn_inputs["target_tokens"] for d in batch])
+                    total, scored = microbatch_loss(loss_fn, logprobs, batch, loss_fn_config, metrics)
+                    if not forward_only and total.requires_grad:
+                        total.backward()  # per microbatch: activations are freed before the next
+                except torch.OutOfMemoryError as exc:
+                    exc.tink_microbatch = (len(batch), padded_tokens)  # how large the batch that failed was
+                    raise
+                if not forward_only:  # a forward pass alone keeps no activations: it says nothing about training
+                    self.budget.observe(checkpointing, padded_tokens)
+                self._last_microbatches.append(padded_tokens)
+                outputs.extend(scored)
+                metrics["loss:sum"] += float(total.detach())
+                start += len(batch)
+        return ForwardBackwardResult(loss_fn_outputs=outputs, metrics=metrics)
+
+    @contextmanager
+    def _checkpointing(self, on: bool) -> Iterator[None]:
+        """Activation checkpointing of every decoder layer for the duration of the block.
+
+        HF checkpoints a layer only while that layer module is in training mode; just the layer
+        wrappers are flagged, their submodules (attention, MLP, dropout) stay in eval mode, so
+        nothing random happens and the gradients are those of the eval-mode model.
+        """
+        layers = self._checkpoint_layers if on else []
+        for layer in layers:
+            layer.training = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.training = False
 
     def optim_step(self, model_id: str, params: AdamParams) -> dict[str, float]:
         """AdamW on the accumulated gradients (clipped to `grad_clip_norm` if > 0), then zero them."""
@@ -321,17 +436,6 @@ class HFTrainer:
                 raise UserInputError(f"target token ids must be in [0, {self._vocab})",
                                      f"data[{i}].loss_fn_inputs.target_tokens")
 
-    def _microbatches(self, data: list[TrainDatum]) -> Iterator[list[TrainDatum]]:
-        """Consecutive datums whose right-padded batch stays within `microbatch_tokens` (>= 1 datum)."""
-        batch: list[TrainDatum] = []
-        for datum in data:
-            longest = max([len(d.tokens) for d in batch] + [len(datum.tokens)])
-            if batch and longest * (len(batch) + 1) > self.microbatch_tokens:
-                yield batch
-                batch = []
-            batch.append(datum)
-        yield batch
-
     def _target_logprobs(self, tokens: list[list[int]], targets: list[np.ndarray]) -> list[torch.Tensor]:
         """fp32 log p(target) per datum, shaped like each `targets` entry ([T] or [T, K])."""
         lengths = torch.tensor([len(t) for t in tokens])
@@ -382,6 +486,51 @@ def _chunk_logprobs(head: Callable[[torch.Tensor], torch.Tensor], features: torc
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def _next_microbatch(data: list[TrainDatum], start: int, budget_tokens: int) -> list[TrainDatum]:
+    """Consecutive datums from `start` whose right-padded batch stays within `budget_tokens` (>= 1 datum)."""
+    batch = [data[start]]
+    longest = len(data[start].tokens)
+    for datum in data[start + 1:]:
+        longest = max(longest, len(datum.tokens))
+        if longest * (len(batch) + 1) > budget_tokens:
+            break
+        batch.append(datum)
+    return batch
+
+
+def _take_grads(params) -> list[torch.Tensor | None]:
+    """Detach the parameters' pending gradients (returned) and leave them None."""
+    grads = []
+    for p in params:
+        grads.append(p.grad)
+        p.grad = None
+    return grads
+
+
+def _add_grads(params, grads: list[torch.Tensor | None]) -> None:
+    """Put back gradients taken by `_take_grads`, summed with whatever accumulated since."""
+    for p, g in zip(params, grads):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad.add_(g)
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Arm HF's per-layer activation checkpointing (non-reentrant) and return the layers it applies to.
+
+    Armed layers checkpoint only while flagged as training (see `HFTrainer._checkpointing`), so arming
+    costs nothing until a micro-batch asks for it. Models that cannot checkpoint return [].
+    """
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return []
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return []
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()  # gradient_checkpointing_enable may switch modes; training mode is set per layer, per call
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 

@@ -42,30 +42,40 @@ class _AlreadyStreamed(Exception):
 
 
 class FallbackSampler:
-    """Implements `Sampler`: `primary` while it works, `fallback` while it does not. Thread-safe."""
+    """Implements `Sampler`: `primary` while it works, `fallback` while it does not. Thread-safe.
 
-    def __init__(self, primary: Sampler, fallback: Sampler, retry_s: float = 30.0):
+    `primary` is None when it could not even start (`start_error` says why): everything then goes
+    to the fallback, and health reports `degraded`, since the sampler that was asked for is not
+    the one serving.
+    """
+
+    def __init__(self, primary: Sampler | None, fallback: Sampler, retry_s: float = 30.0,
+                 start_error: str | None = None, requested: str = "vllm"):
         self.primary, self.fallback, self.retry_s = primary, fallback, retry_s
-        self.name = primary.name
+        self.requested = primary.name if primary is not None else requested
+        self.name = self.requested
+        self.start_error = start_error
         self._down_since: float | None = None  # monotonic time of the failure; None while primary is live
         self._next_probe = 0.0
         self._reason = ""
         self._lock = threading.Lock()
-        self._rejected: set[str] = set()  # adapters the primary refused (warned about once each)
+        self._rejected: dict[str, str] = {}  # adapter name -> why the primary refused it
+        self._served: dict[str, int] = {}  # sampler name -> operations it answered
 
     @classmethod
-    def start(cls, make_primary: Any, fallback: Sampler, retry_s: float = 30.0) -> Sampler:
-        """`make_primary()` or, if it raises BackendError (vLLM missing, engine failed to start),
-        the fallback alone, with one warning saying why."""
+    def start(cls, make_primary: Any, fallback: Sampler, retry_s: float = 30.0) -> FallbackSampler:
+        """`make_primary()` with `fallback` behind it; if it raises BackendError (vLLM missing, engine
+        failed to start), the fallback alone, reported as degraded with the reason."""
         try:
             return cls(make_primary(), fallback, retry_s)
         except BackendError as exc:
-            log.warning("vLLM sampler unavailable, sampling with %s instead: %s", fallback.name, exc)
-            return fallback
+            log.error("vLLM was asked for (USE_VLLM=true) but is not serving; sampling with %s instead, and "
+                      "healthz reports degraded: %s", fallback.name, exc)
+            return cls(None, fallback, retry_s, start_error=str(exc))
 
     @property
     def active(self) -> Sampler:
-        return self.fallback if self._down_since is not None else self.primary
+        return self.fallback if self.primary is None or self._down_since is not None else self.primary
 
     def sample(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
         if sink is None:
@@ -95,15 +105,37 @@ class FallbackSampler:
         return self._call(lambda s: s.compute_logprobs(adapter, tokens))
 
     def health(self) -> dict[str, object]:
-        """Which sampler serves now (`active`), why the primary is out, and both samplers' own health."""
+        """Which sampler serves now (`active`), whether that is what was asked for (`degraded`, with
+        `reason`), adapters the primary refused, and how many operations each sampler answered."""
         down = self._down_since is not None
+        with self._lock:
+            rejected = dict(self._rejected)
+            served = dict(self._served)
+        reasons = []
+        if self.primary is None:
+            reasons.append(f"{self.requested} failed to start: {self.start_error}")
+        elif down:
+            reasons.append(f"{self.primary.name} is down: {self._reason}")
+        if rejected:
+            reasons.append(f"{len(rejected)} adapter version(s) refused by {self.requested} are sampled by "
+                           f"{self.fallback.name}; the last cause: {list(rejected.values())[-1]}")
+        primary_health = None
+        if self.primary is not None:
+            try:
+                primary_health = self.primary.health()
+            except Exception as exc:  # health must answer even when the primary cannot
+                primary_health = {"live": False, "error": str(exc)}
         return {"live": bool(self.active.health().get("live")), "backend": self.active.name,
-                "active": self.active.name, "primary": self.primary.name, "fallback": self.fallback.name,
+                "active": self.active.name, "requested": self.requested, "primary": self.requested,
+                "fallback": self.fallback.name, "degraded": bool(reasons), "reason": "; ".join(reasons) or None,
                 "primary_down_s": round(time.monotonic() - self._down_since, 1) if down else None,
-                "primary_error": self._reason if down else None}
+                "primary_error": self._reason if down else self.start_error,
+                "adapters_on_fallback": len(rejected), "served": served, "primary_health": primary_health}
 
     def close(self) -> None:
         for sampler in (self.primary, self.fallback):
+            if sampler is None:
+                continue
             try:
                 sampler.close()
             except Exception as exc:  # closing one must not keep the other open
@@ -115,15 +147,24 @@ class FallbackSampler:
                 result = op(self.primary)
             except AdapterRejectedError as exc:  # the primary is fine; only this adapter needs the fallback
                 self._warn_rejected(exc)
-                return op(self.fallback)
+                return self._served_by(self.fallback, op(self.fallback))
             except BackendError as exc:
                 self._mark_down(exc)
             else:
                 self._mark_up()
-                return result
-        return op(self.fallback)
+                return self._served_by(self.primary, result)
+        return self._served_by(self.fallback, op(self.fallback))
+
+    def _served_by(self, sampler: Sampler, result: Any) -> Any:
+        if isinstance(result, SampleResult):
+            result.served_by = result.served_by or sampler.name
+        with self._lock:
+            self._served[sampler.name] = self._served.get(sampler.name, 0) + 1
+        return result
 
     def _should_try_primary(self) -> bool:
+        if self.primary is None:
+            return False
         with self._lock:
             if self._down_since is None:
                 return True
@@ -136,13 +177,14 @@ class FallbackSampler:
             return False
 
     def _warn_rejected(self, exc: AdapterRejectedError) -> None:
-        key = str(exc).split(" from ")[0]
+        """Count the adapter version; log once per distinct cause (each saved version is a new name)."""
         with self._lock:
-            if key in self._rejected:
-                return
-            self._rejected.add(key)
-        log.warning("%s; sampling that adapter with %s, everything else stays on %s", exc, self.fallback.name,
-                    self.primary.name)
+            new_cause = exc.cause not in self._rejected.values() or exc.cause is None
+            self._rejected[exc.adapter or str(exc)] = exc.cause or str(exc)
+        if not new_cause:
+            return
+        log.error("%s; sampling that adapter with %s (slow), everything else stays on %s; healthz reports "
+                  "degraded", exc, self.fallback.name, self.requested)
 
     def _mark_down(self, exc: BaseException) -> None:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Builds the embedded default model: a small random-init Llama/Qwen2 and a BPE tokenizer.
+"""Builds the embedded default model: a small random-init Llama/Qwen2/Qwen3 and a BPE tokenizer.
 
 No model hub is reachable where Tink is developed and tested, so the default model is made
 locally, deterministically, and saved with `save_pretrained` like any hub checkpoint: every
@@ -63,10 +63,14 @@ def build_tokenizer(vocab_size: int = 512):
     )
 
 
-def build_model(tokenizer, family: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 128):
-    """A random-init causal LM whose vocabulary matches `tokenizer` (fp32)."""
+def build_model(tokenizer, family: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 128,
+                tied: bool = False):
+    """A random-init causal LM whose vocabulary matches `tokenizer` (fp32).
+
+    `tied=True` shares lm_head with the input embeddings, as Qwen2.5-0.5B and Qwen3-0.6B do.
+    """
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=len(tokenizer),
@@ -80,15 +84,17 @@ def build_model(tokenizer, family: str = "llama", seed: int = 0, layers: int = 2
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         torch_dtype="float32",
     )
     if family == "llama":
         config = LlamaConfig(**common)
     elif family == "qwen2":
         config = Qwen2Config(**common)
+    elif family == "qwen3":
+        config = Qwen3Config(**common)
     else:
-        raise ValueError(f"unknown tiny model family {family!r}: use 'llama' or 'qwen2'")
+        raise ValueError(f"unknown tiny model family {family!r}: use 'llama', 'qwen2' or 'qwen3'")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     # A wider init than the default 0.02 makes the random model's next-token distribution
@@ -100,7 +106,7 @@ def build_model(tokenizer, family: str = "llama", seed: int = 0, layers: int = 2
     return model
 
 
-def ensure_tiny_model(path: str | os.PathLike, family: str = "llama", seed: int = 0) -> Path:
+def ensure_tiny_model(path: str | os.PathLike, family: str = "llama", seed: int = 0, tied: bool = False) -> Path:
     """Build the tiny model into `path` unless a complete one is already there; return the path.
 
     The folder appears atomically (built in a sibling temp folder, then renamed), so a
@@ -113,7 +119,7 @@ def ensure_tiny_model(path: str | os.PathLike, family: str = "llama", seed: int 
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         tokenizer = build_tokenizer()
-        model = build_model(tokenizer, family=family, seed=seed)
+        model = build_model(tokenizer, family=family, seed=seed, tied=tied)
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         try:
@@ -131,10 +137,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description="Build Tink's tiny local model folder.")
     parser.add_argument("path")
-    parser.add_argument("--family", default="llama", choices=["llama", "qwen2"])
+    parser.add_argument("--family", default="llama", choices=["llama", "qwen2", "qwen3"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tied", action="store_true", help="share lm_head with the input embeddings")
     args = parser.parse_args()
-    print(ensure_tiny_model(args.path, args.family, args.seed))
+    print(ensure_tiny_model(args.path, args.family, args.seed, args.tied))
 
 
 if __name__ == "__main__":

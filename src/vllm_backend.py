@@ -165,6 +165,7 @@ class VLLMEngineSampler:
     """
 
     name = "vllm"
+    memory_plan: Any = None  # the MemoryPlan it was started with (src/memory.py), shown by health()
 
     def __init__(self, base_model: str, *, max_loras: int = 4, max_lora_rank: int = 64,
                  max_cpu_loras: int | None = None, gpu_memory_utilization: float | None = None,
@@ -206,6 +207,10 @@ class VLLMEngineSampler:
         self._loading: dict[str, asyncio.Future] = {}
         self._in_flight: dict[str, int] = {}
         self._ids = itertools.count(1)
+        # Sampling operations inside the engine now, and the most at once: the engine batches only what
+        # reaches it, so a peak far below a step's prompt count means something upstream serialises.
+        self.operations_in_flight = 0
+        self.peak_operations_in_flight = 0
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
@@ -249,7 +254,9 @@ class VLLMEngineSampler:
         live = not self._closed and engine is not None and not engine.errored
         return {"live": live, "backend": self.name, "mode": "engine", "base_model": self.base_model,
                 "loaded_adapters": len(self.loaded_adapters()), "max_lora_rank": self.max_lora_rank,
-                "prompt_logprobs": self.prompt_logprobs_mode}
+                "prompt_logprobs": self.prompt_logprobs_mode, "operations_in_flight": self.operations_in_flight,
+                "peak_operations_in_flight": self.peak_operations_in_flight,
+                "memory_plan": self.memory_plan.as_dict() if self.memory_plan is not None else None}
 
     def loaded_adapters(self) -> list[str]:
         """Names of the registered adapter versions, least recently used first (the next to be dropped)."""
@@ -292,9 +299,15 @@ class VLLMEngineSampler:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from .vllm_plugin import owning_engine_processes
+
+        # The engine's processes die with this one, even by SIGKILL (src/vllm_plugin.py). They are
+        # started here, on the loop thread, which lives as long as the engine: the kernel's
+        # parent-death signal fires when the thread that started a process exits.
         # LLM_CLASS: the batch limits of offline `LLM.generate` (on an H100, 1024 sequences / 16384
         # tokens per step, vs 128 / 2048 for a bare engine): RL sampling is a throughput job.
-        return AsyncLLM.from_engine_args(self._args, usage_context=UsageContext.LLM_CLASS)
+        with owning_engine_processes():
+            return AsyncLLM.from_engine_args(self._args, usage_context=UsageContext.LLM_CLASS)
 
     @staticmethod
     async def _shutdown(engine: Any) -> None:
@@ -305,6 +318,14 @@ class VLLMEngineSampler:
         self._thread.join(timeout=10)
 
     async def _sample(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
+        self.operations_in_flight += 1
+        self.peak_operations_in_flight = max(self.peak_operations_in_flight, self.operations_in_flight)
+        try:
+            return await self._sample_in_engine(job, sink)
+        finally:
+            self.operations_in_flight -= 1
+
+    async def _sample_in_engine(self, job: SampleJob, sink: TokenSink | None) -> SampleResult:
         kwargs = sampling_kwargs(job.params, job.num_samples)
         copies = 1
         if job.params.temperature == 0:  # vLLM refuses n > 1 with greedy sampling: the copies are identical
@@ -356,8 +377,8 @@ class VLLMEngineSampler:
             # request only, and makes the first sample of a new version as fast as any other.
             await self._engine.add_lora(lora)
         except Exception as exc:
-            error = AdapterRejectedError(f"vllm sampler could not load adapter {ref.name!r} from {ref.path} onto "
-                                 f"{self.base_model} ({exc}); check that it was trained on this base model")
+            error = AdapterRejectedError(f"vLLM refused adapter {ref.name!r} ({type(exc).__name__}: {exc}); it was "
+                                         f"loaded from {ref.path} onto {self.base_model}", ref.name, str(exc))
             future.set_exception(error)
             future.exception()  # mark retrieved: nobody else may be waiting
             raise error from exc

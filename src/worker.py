@@ -98,7 +98,7 @@ class Worker:
         self.sampler = sampler
         self.store = store
         self.base_model = trainer.base_model
-        self.scheduler = Scheduler(store, config.sampling_threads)
+        self.scheduler = Scheduler(store, config.sampling_concurrency)
         self._restore_lock = threading.Lock()
         self._trainer_health: tuple[float, dict[str, Any]] = (-1e9, {})
         failed = store.fail_unfinished()
@@ -111,7 +111,7 @@ class Worker:
 
         base_model = config.resolved_base_model()
         trainer = build_trainer(config, base_model)
-        sampler = build_sampler(config, base_model, vocab_size=_vocab_size(base_model))
+        sampler = build_sampler(config, base_model, vocab_size=_vocab_size(base_model), trainer=trainer)
         return cls(config, trainer, sampler, Store(config.database_path))
 
     def close(self) -> None:
@@ -155,9 +155,32 @@ class Worker:
         }
 
     def health(self) -> dict[str, Any]:
+        """`status` is "ok" only when every backend that was asked for serves; else "degraded" with `reasons`."""
         trainer = self.trainer_health(fresh=True)
-        return {"status": "ok" if trainer.get("live", True) else "degraded", "trainer": self.trainer.name,
-                "trainer_health": trainer, "sampler": self.sampler.health()}
+        sampler = self.sampler.health()
+        reasons = []
+        if not trainer.get("live", True):
+            reasons.append(f"trainer {self.trainer.name} is down: {trainer.get('error', 'no reason given')}")
+        if sampler.get("degraded"):
+            reasons.append(str(sampler.get("reason")))
+        elif not sampler.get("live", True):
+            reasons.append(f"sampler {sampler.get('backend', self.sampler.name)} is down")
+        return {"status": "degraded" if reasons else "ok", "reasons": reasons, "trainer": self.trainer.name,
+                "trainer_health": trainer, "sampler": sampler, "memory": self.memory_report()}
+
+    def memory_report(self) -> dict[str, Any]:
+        """GPU memory now (where there is a GPU) and the trainer's micro-batch budget."""
+        from .memory import DeviceMemory, GiB
+
+        report: dict[str, Any] = {}
+        device = getattr(self.trainer, "device", None)
+        memory = DeviceMemory.of(device) if device is not None else None
+        if memory is not None:
+            report["gpu"] = {"device": str(device), "total_gib": round(memory.total / GiB, 2),
+                             "free_gib": round(memory.free / GiB, 2)}
+        if hasattr(self.trainer, "memory_report"):
+            report["trainer"] = self.trainer.memory_report()
+        return report
 
     def trainer_health(self, fresh: bool = False) -> dict[str, Any]:
         """The trainer's own `health()` (remote trainers have one), probed at most once a second."""

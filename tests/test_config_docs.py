@@ -13,3 +13,12 @@ def test_every_env_var_is_documented():
     documented = set(re.findall(r"^\| `([A-Z_]+)` \|", (REPO / "CONFIGURATION.md").read_text(), re.M))
     assert set(_ENV_FIELDS) - documented == set(), "add these to CONFIGURATION.md"
     assert documented - set(_ENV_FIELDS) - {"TINK_HOME", "TINK_DOTENV"} == set(), "documented but not read"
+
+
+def test_sampling_concurrency_does_not_cap_the_vllm_batch():
+    from src.config import Config
+
+    # 64 prompts x n=8 of one GRPO step must all reach vLLM at once; HF runs one job at a time anyway
+    assert Config(use_vllm=True).sampling_concurrency == 256
+    assert Config().sampling_concurrency == 16
+    assert Config(use_vllm=True, sampling_threads=8).sampling_concurrency == 8

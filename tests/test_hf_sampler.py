@@ -95,7 +95,8 @@ def sample(sampler, prompt=PROMPT, n=1, adapter=None, prompt_logprobs=False, **p
 def test_implements_sampler(sampler):
     assert isinstance(sampler, Sampler)
     assert sampler.health() == {"live": True, "backend": "hf", "base_model": sampler.base_model,
-                                "device": str(sampler.device), "loaded_adapters": len(sampler.loaded_adapters())}
+                                "device": str(sampler.device), "loaded_adapters": len(sampler.loaded_adapters()),
+                                "base_weights": "own copy"}
 
 
 def test_greedy_matches_argmax_loop(sampler, base):

@@ -243,7 +243,7 @@ def test_bad_adapters_fail_alone_and_the_engine_survives(engine, vllm_adapters, 
     broken = tmp_path / "broken"
     shutil.copytree(vllm_adapters["a"].path, broken)
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(BackendError, match="could not load adapter"):
+    with pytest.raises(BackendError, match="vLLM refused adapter .broken."):
         engine.sample(SampleJob(PROMPTS[0], 1, GREEDY, AdapterRef("broken", broken, 8)))
     assert engine.health()["live"]
     assert greedy(engine, PROMPTS[0]).tokens
@@ -276,7 +276,11 @@ def test_an_adapter_vllm_refuses_is_served_by_hf_alone(engine, hf_sampler, tiny_
         engine.sample(SampleJob(PROMPTS[0], 1, GREEDY, dora))
 
     sampler = FallbackSampler(engine, hf_sampler, retry_s=600)
-    served = sampler.sample(SampleJob(PROMPTS[0], 1, GREEDY, dora)).sequences[0]
-    assert served.tokens == greedy(hf_sampler, PROMPTS[0], dora).tokens
-    assert sampler.health()["active"] == "vllm"  # not marked down: other adapters stay on vLLM
+    assert not sampler.health()["degraded"]
+    result = sampler.sample(SampleJob(PROMPTS[0], 1, GREEDY, dora))
+    assert result.sequences[0].tokens == greedy(hf_sampler, PROMPTS[0], dora).tokens
+    assert result.served_by == "hf"
+    health = sampler.health()
+    assert health["active"] == "vllm"  # not marked down: other adapters stay on vLLM
+    assert health["degraded"] and health["adapters_on_fallback"] == 1 and "DoRA" in health["reason"], health
     assert_same(greedy(sampler, PROMPTS[1], vllm_adapters["b"]), greedy(hf_sampler, PROMPTS[1], vllm_adapters["b"]))

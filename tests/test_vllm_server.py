@@ -133,9 +133,10 @@ def test_fallback_to_hf_while_the_server_is_down_and_back(vllm_server, hf_sample
     assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage()
     health = sampler.health()
     assert health["active"] == "hf" and health["live"] and health["primary_error"]
+    assert health["degraded"] and "vllm-server is down" in health["reason"]
 
     vllm_server.start()  # a fresh server: it has none of the adapters the client loaded before
     time.sleep(2.1)
     assert_same(one(sampler, PROMPT, ref), expected)
-    assert sampler.health()["active"] == "vllm-server"
+    assert sampler.health()["active"] == "vllm-server" and not sampler.health()["degraded"]
     assert sampler.primary.loaded_adapters() == [ref.name]

@@ -65,6 +65,19 @@ def test_health_names_the_live_vllm_sampler(vllm_server):
     assert health["sampler"]["active"] == "vllm" and health["sampler"]["live"]
 
 
+def test_a_steps_sampling_operations_reach_the_engine_together(vllm_server, vllm_engine):
+    """With the default TINK_SAMPLING_THREADS, the 40 prompts of a step are batched by vLLM together
+    (the former default of 16 threads let at most 16 operations into the engine at once)."""
+    _, worker = vllm_server
+    caller = Caller(fingerprint(API_KEY), admin=False)
+    vllm_engine.peak_operations_in_flight = 0
+    params = SamplingParams(max_tokens=48, temperature=1.0, seed=1)
+    ids = [worker.sample(caller, SampleJob([1, 40 + i, 41, 42], 2, params)) for i in range(40)]
+    assert all(worker.scheduler.wait(rid, 120).status == "done" for rid in ids)
+    assert vllm_engine.peak_operations_in_flight > 16
+    assert worker.health()["sampler"]["primary_health"]["peak_operations_in_flight"] > 16
+
+
 def test_each_saved_version_is_served_with_its_own_weights(vllm_server, hf_sampler):
     url, worker = vllm_server
     service = tinker.ServiceClient(base_url=url, api_key=API_KEY)

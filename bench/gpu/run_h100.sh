@@ -10,14 +10,7 @@
 set -u
 out=${1:-/tmp/bench_out}
 mkdir -p "$out"
-export PYTHONPATH=/tmp/site VLLM_NO_USAGE_STATS=1 TINKER_TELEMETRY=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ ! -f /tmp/site/.tink-installed ]; then
-  mkdir -p /tmp/vw && cat /tmp/vp/* | tar x -C /tmp/vw || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/vw/*.whl \
-      $(ls .whl/*.whl | grep -v megatron) > "$out/install.log" 2>&1 || { echo "install failed"; touch "$out/DONE"; exit 1; }
-  touch /tmp/site/.tink-installed
-fi
+source bench/gpu/device_env.sh || exit 1
 python3 -c "import vllm, tinker, flask, waitress, trl; print('vllm', vllm.__version__, 'trl', trl.__version__)" \
     > "$out/imports.log" 2>&1
 # PHASES="trl" on a second machine continues a JSON copied back to $out (the model is rebuilt, same seed).

