@@ -125,8 +125,9 @@ class FallbackSampler:
                 primary_health = self.primary.health()
             except Exception as exc:  # health must answer even when the primary cannot
                 primary_health = {"live": False, "error": str(exc)}
-        return {"live": bool(self.active.health().get("live")), "backend": self.active.name,
-                "active": self.active.name, "requested": self.requested, "primary": self.requested,
+        active_health = primary_health if self.active is self.primary else self.active.health()
+        return {"live": bool(active_health.get("live")), "backend": self.active.name,
+                "active": self.active.name, "requested": self.requested,
                 "fallback": self.fallback.name, "degraded": bool(reasons), "reason": "; ".join(reasons) or None,
                 "primary_down_s": round(time.monotonic() - self._down_since, 1) if down else None,
                 "primary_error": self._reason if down else self.start_error,
