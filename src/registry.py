@@ -86,6 +86,7 @@ def memory_plan(config: Config, trainer: Trainer | None) -> MemoryPlan:
 
     if not torch.cuda.is_available():
         return MemoryPlan(config.vllm_gpu_memory_utilization or 0.1, "cpu")
+    torch.cuda.empty_cache()  # blocks cached by this process's allocator are not free for vLLM's process
     memory = DeviceMemory.of(torch.device("cuda", torch.cuda.current_device()))
     budget = getattr(trainer, "budget", None)
     per_token = budget.bytes_per_token[True] if budget is not None else 0.0
