@@ -164,7 +164,8 @@ class Worker:
         if sampler.get("degraded"):
             reasons.append(str(sampler.get("reason")))
         elif not sampler.get("live", True):
-            reasons.append(f"sampler {sampler.get('backend', self.sampler.name)} is down")
+            where = f" at {sampler['base_url']}" if sampler.get("base_url") else ""
+            reasons.append(f"sampler {sampler.get('backend', self.sampler.name)}{where} is down")
         return {"status": "degraded" if reasons else "ok", "reasons": reasons, "trainer": self.trainer.name,
                 "trainer_health": trainer, "sampler": sampler, "memory": self.memory_report()}
 

@@ -51,3 +51,24 @@ def test_trl_client_generates_and_scores_like_hf(trl_cpu_server, hf_sampler):
     sampler.close()
 
 
+
+
+def test_worker_health_is_degraded_while_the_trl_server_is_down(trl_cpu_server, tiny_model_path, tmp_path):
+    """VLLM_BACKEND=trl has no fallback (another policy would be sampled): a dead server is `degraded`."""
+    pytest.importorskip("trl.generation.vllm_client", reason="trl is not installed (pip install trl==1.16.0)")
+    from src.config import Config
+    from src.hf_trainer import HFTrainer
+    from src.store import Store
+    from src.trl_backend import TRLVLLMSampler
+    from src.worker import Worker
+
+    config = Config(base_model=str(tiny_model_path), state_dir=tmp_path, use_vllm=True, vllm_backend="trl",
+                    vllm_base_url=trl_cpu_server.url)
+    worker = Worker(config, HFTrainer(str(tiny_model_path), dtype="float32"), TRLVLLMSampler(trl_cpu_server.url),
+                    Store(config.database_path))
+    assert worker.health()["status"] == "ok"
+    trl_cpu_server.stop()  # the module's last test: the server is not needed after it
+    health = worker.health()
+    assert health["status"] == "degraded", health
+    assert health["reasons"] == [f"sampler vllm-trl at {trl_cpu_server.url} is down"]
+    worker.store.close()
