@@ -149,12 +149,15 @@ class MicrobatchBudget:
         self._start = 0
         self._on_gpu = device.type == "cuda" and torch.cuda.is_available()
 
-    def tokens(self, checkpointing: bool) -> int:
+    def tokens(self, checkpointing: bool, cautious: bool = True) -> int:
+        """The budget now. `cautious`: while the cost per token is still an estimate (nothing measured
+        yet in this mode), plan with half the memory, so the first micro-batch does not run out."""
         limit = min(self.cap_tokens, self.ceiling[checkpointing] or self.cap_tokens)
         memory = DeviceMemory.of(self.device) if self._on_gpu else None
         if memory is None:
             return limit
-        usable = USABLE_FRACTION * memory.free - self.fixed_bytes
+        fraction = USABLE_FRACTION / 2 if cautious and not self.measured[checkpointing] else USABLE_FRACTION
+        usable = fraction * memory.free - self.fixed_bytes
         return int(min(limit, max(1, usable // self.bytes_per_token[checkpointing])))
 
     def should_checkpoint(self, mode: str, longest_sequence: int) -> bool:
@@ -164,7 +167,7 @@ class MicrobatchBudget:
             return mode == "true"
         if not self._on_gpu:
             return False
-        without = self.tokens(False)
+        without = self.tokens(False, cautious=False)  # the estimate itself: caution must not bias the choice
         return without < min(self.cap_tokens, max(CHECKPOINT_BELOW_TOKENS, longest_sequence))
 
     def start(self) -> None:

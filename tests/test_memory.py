@@ -148,7 +148,10 @@ def test_gpu_budget_follows_free_memory(monkeypatch):
     free = [40 * GiB]
     monkeypatch.setattr(DeviceMemory, "of", classmethod(lambda cls, device: DeviceMemory(free[0], 80 * GiB)))
     assert budget.tokens(True) == 16384  # capped
+    assert budget.tokens(False) == int(0.45 * 40 * GiB // (4 << 20))  # nothing measured yet: half the memory
+    budget.bytes_per_token[False], budget.measured[False] = 4 << 20, True  # as observe() leaves it
     assert budget.tokens(False) == int(0.9 * 40 * GiB // (4 << 20))  # 9216
+    budget.measured[False] = False
     assert not budget.should_checkpoint("auto", 512)
     assert budget.should_checkpoint("auto", 10_000), "the longest sequence would not fit without it"
     free[0] = 10 * GiB
