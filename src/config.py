@@ -185,7 +185,9 @@ class Config:
             raise ConfigError("USE_MEGATRON=true needs MEGATRON_SERVER_URL (e.g. http://127.0.0.1:8100)")
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ConfigError(f"TINK_API_KEYS_FILE={self.api_keys_file} does not exist")
-        if self.gradient_checkpointing not in ("auto", "true", "false"):
+        from .memory import CHECKPOINTING_MODES
+
+        if self.gradient_checkpointing not in CHECKPOINTING_MODES:
             raise ConfigError(f"TINK_GRADIENT_CHECKPOINTING must be auto, true or false, got "
                               f"{self.gradient_checkpointing!r}")
         if self.train_microbatch_tokens < 1:

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backends import AdamParams, BackendError, ForwardBackwardResult, LoraSpec, TrainDatum, UserInputError
 from .losses import microbatch_loss, validate_inputs
-from .memory import MicrobatchBudget, activation_bytes_per_token
+from .memory import CHECKPOINTING_MODES, MicrobatchBudget, activation_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class HFTrainer:
                  microbatch_tokens: int = 16384, gradient_checkpointing: str = "auto"):
         from transformers import AutoModelForCausalLM
 
-        if gradient_checkpointing not in ("auto", "true", "false"):
+        if gradient_checkpointing not in CHECKPOINTING_MODES:
             raise ValueError(f"TINK_GRADIENT_CHECKPOINTING must be auto, true or false, got {gradient_checkpointing!r}")
         self.base_model = base_model
         self.max_adapters = max_adapters

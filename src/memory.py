@@ -37,6 +37,7 @@ MIN_RESERVE_FRACTION = 0.15  # of the GPU, kept for training when vLLM shares it
 ADAPTER_STATE_RESERVE = 4 * GiB  # LoRA weights, gradients and AdamW moments of the adapters in use
 USABLE_FRACTION = 0.9  # of the memory free at a step that one micro-batch may plan to use
 CHECKPOINT_BELOW_TOKENS = 4096  # auto checkpointing: on when a micro-batch without it would be smaller
+CHECKPOINTING_MODES = ("auto", "true", "false")  # TINK_GRADIENT_CHECKPOINTING
 
 
 @dataclass(frozen=True)
