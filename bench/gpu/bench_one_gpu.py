@@ -8,9 +8,11 @@ step through the `tinker` SDK and compares each part with the bare library doing
 | train | forward_backward 64 x 512 tokens + optim_step | bare PEFT loop, same micro-batches and checkpointing |
 | sample | 64 prompts x 8 x 256 tokens, the SDK-default adapter (lm_head LoRA included) | `vllm.LLM.generate`, same adapter and memory share |
 | step | forward_backward + optim_step + save_weights_and_get_sampling_client + sample | - |
+| full GRPO step | sample, then forward_backward (importance_sampling) on the 512 sampled sequences, optim_step, save | TRL `GRPOTrainer`, colocated vLLM (bench_trl_grpo.py) |
 
 It also records GPU memory (nvidia-smi, sampled every 0.5 s) at start and at the peak of each
-part, healthz (memory plan, which sampler served), and what a SIGKILL of the worker leaves behind.
+part, healthz (memory plan, which sampler served), and what a SIGKILL of the worker leaves behind. With
+BENCH_PYSPY=1 a second, unmeasured sampling pass runs under `py-spy record` (worker and engine processes).
 Every figure goes to OUT/bench_one_gpu_<shape>.json as soon as it exists; OUT/DONE marks the end.
 
     # on the GPU machine, vLLM installed (../shared/gpu/README.md), from the repo root, detached:
@@ -192,7 +194,7 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
         prompts = [[rng.randrange(3, 500) for _ in range(32)] for _ in range(args.prompts)]
         params = types.SamplingParams(max_tokens=args.max_tokens, temperature=1.0)
         t0 = time.time()  # the hot update: save, register in vLLM, first tokens of the new version
-        sampler = trainer.save_weights_and_get_sampling_client(name="bench")
+        sampler = trainer.save_weights_and_get_sampling_client(name="bench").result()
         sampler.sample(types.ModelInput.from_ints(prompts[0]), 1, types.SamplingParams(max_tokens=4)).result()
         rec["save_for_sampler_s"] = round(time.time() - t0, 3)
         gpu.mark()
@@ -206,6 +208,11 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
         rec["grpo_step_s"] = round(steps[-1]["forward_backward_s"] + steps[-1]["optim_step_s"]
                                    + rec.data["save_for_sampler_s"] + seconds, 2)
         rec["logprob_gap"] = sampler_vs_trainer(trainer, prompts[:4], results[:4])
+        if os.environ.get("BENCH_PYSPY"):
+            profile_sampling(proc.pid, sampler, prompts, args.samples, params, Path(args.out))
+        gpu.mark()
+        rec["grpo_full_step"] = full_grpo_step(trainer, prompts, results, seconds)
+        rec["gpu_mib_peak_full_step_train"] = gpu.peak()
         rec["health_after"] = health()
         adapter = sorted(glob.glob(f"{state}/checkpoints/**/adapter_config.json", recursive=True),
                          key=os.path.getmtime)[-1]
@@ -226,6 +233,53 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
                                 "gpu_mib": gpu.used_mib(), "wait_s": args.orphan_wait_s}
         for pid in left:
             os.kill(pid, signal.SIGKILL)
+
+
+def full_grpo_step(trainer, prompts, results, sample_s: float) -> dict:
+    """The rest of a real GRPO step on what was just sampled (the row TRL's GRPOTrainer is compared with):
+    forward_backward with the importance-sampling loss on all prompt+completion sequences, optim_step, save."""
+    import numpy as np
+    from tinker import types
+
+    data, rng = [], np.random.default_rng(0)
+    for prompt, result in zip(prompts, results):
+        rewards = rng.normal(size=len(result.sequences))
+        advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+        for seq, advantage in zip(result.sequences, advantages):
+            tokens, n = prompt + list(seq.tokens), len(seq.tokens)
+            pad = [0.0] * (len(prompt) - 1)
+            data.append(types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
+                "target_tokens": tokens[1:], "logprobs": pad + list(seq.logprobs),
+                "advantages": pad + [float(advantage)] * n}))
+    t0 = time.time()
+    trainer.forward_backward(data, "importance_sampling").result()
+    t1 = time.time()
+    trainer.optim_step(types.AdamParams(learning_rate=1e-5)).result()
+    t2 = time.time()
+    trainer.save_weights_and_get_sampling_client(name="bench-step2").result()
+    t3 = time.time()
+    train_tokens = sum(len(d.model_input.to_ints()) for d in data)
+    return {"sequences": len(data), "train_tokens": train_tokens, "sample_s": round(sample_s, 2),
+            "forward_backward_s": round(t1 - t0, 2), "train_tok_s": round(train_tokens / (t1 - t0), 1),
+            "optim_step_s": round(t2 - t1, 2), "save_s": round(t3 - t2, 2), "step_s": round(sample_s + t3 - t0, 2)}
+
+
+def profile_sampling(pid: int, sampler, prompts, samples: int, params, out: Path) -> None:
+    """A second, unmeasured sampling pass under py-spy (worker and engine processes), for the throughput issue."""
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "50",
+                            "--format", "raw", "--output", str(out / "pyspy_sampling.txt")],
+                           stdout=subprocess.DEVNULL, stderr=open(out / "pyspy.log", "w"))
+    from tinker import types
+
+    time.sleep(2)
+    futures = [sampler.sample(types.ModelInput.from_ints(p), samples, params) for p in prompts]
+    for f in futures:
+        f.result()
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
 
 
 def sampler_vs_trainer(trainer, prompts, results) -> dict:

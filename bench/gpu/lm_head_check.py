@@ -1,4 +1,5 @@
-"""lm_head LoRA through vLLM vs HF+PEFT on a *tied* tiny Qwen2 (vLLM 0.26 makes lm_head the embedding module there).
+"""lm_head LoRA through vLLM vs HF+PEFT, per model family: a *tied* tiny Qwen2 (vLLM 0.26 makes lm_head the
+embedding module there), an untied tiny Qwen3 and an untied tiny Llama (Tink's vLLM plugin registers lm_head).
 
     PYTHONPATH=. python bench/gpu/lm_head_check.py /tmp/lmh [/models/Qwen2.5-0.5B]
 
@@ -20,24 +21,36 @@ if __name__ == "__main__":
     from tests.vllm_fixtures import make_adapter
 
     root = Path(sys.argv[1])
-    model = Path(sys.argv[2]) if len(sys.argv) > 2 else ensure_tiny_model(root / "tiny-qwen2-tied", "qwen2", tied=True)
-    ref = AdapterRef("tinker://check/sampler_weights/000001", make_adapter(model, root / "adapter", seed=1), rank=8)
+    if len(sys.argv) > 2:
+        models = {"given": Path(sys.argv[2])}
+    else:
+        models = {f"{family}{'-tied' if tied else ''}": ensure_tiny_model(root / f"tiny-{family}{tied}", family,
+                                                                           tied=tied)
+                  for family, tied in (("qwen2", True), ("qwen3", False), ("llama", False))}
     gpu = torch.cuda.is_available()
     # vLLM's GPU LoRA kernels take fp16/bf16 only (lora_shrink asserts it): bf16 there, fp32 on CPU.
     dtype, tolerance = ("bfloat16", 0.05) if gpu else ("float32", 1e-4)
-    engine = VLLMEngineSampler(str(model), max_loras=2, max_lora_rank=8, dtype=dtype, max_model_len=512,
-                               gpu_memory_utilization=0.3 if gpu else 0.1)
-    hf = HFSampler(str(model), device="cuda" if gpu else "cpu", dtype=dtype)
-    worst = 0.0
-    for prompt in ([1, 40, 41, 97, 12], [1, 200, 7], [1, 33, 34, 35, 36, 37, 38, 39, 300, 301]):
-        job = SampleJob(prompt, 1, SamplingParams(max_tokens=16, temperature=1.0, seed=3), ref)
-        seq = engine.sample(job).sequences[0]
-        tokens = prompt + seq.tokens
-        hf_lp = hf.compute_logprobs(ref, tokens)[len(prompt):]
-        base_lp = engine.compute_logprobs(None, tokens)[len(prompt):]
-        gap = max(abs(a - b) for a, b in zip(seq.logprobs, hf_lp))
-        worst = max(worst, gap)
-        moved = max(abs(a - b) for a, b in zip(seq.logprobs, base_lp))
-        print(f"|vLLM-HF| {gap:.2e}  |adapter-base| {moved:.2e}")
-    engine.close()
-    print("OK" if worst <= tolerance else f"GAP ABOVE {tolerance}", worst)
+    failed = []
+    for name, model in models.items():
+        ref = AdapterRef(f"tinker://{name}/sampler_weights/000001",
+                         make_adapter(model, root / f"adapter-{name}", seed=1), rank=8)
+        engine = VLLMEngineSampler(str(model), max_loras=2, max_lora_rank=8, dtype=dtype, max_model_len=512,
+                                   gpu_memory_utilization=0.3 if gpu else 0.1, enforce_eager=True)
+        hf = HFSampler(str(model), device="cuda" if gpu else "cpu", dtype=dtype)
+        worst = 0.0
+        for prompt in ([1, 40, 41, 97, 12], [1, 200, 7], [1, 33, 34, 35, 36, 37, 38, 39, 300, 301]):
+            job = SampleJob(prompt, 1, SamplingParams(max_tokens=16, temperature=1.0, seed=3), ref)
+            seq = engine.sample(job).sequences[0]
+            tokens = prompt + seq.tokens
+            hf_lp = hf.compute_logprobs(ref, tokens)[len(prompt):]
+            base_lp = engine.compute_logprobs(None, tokens)[len(prompt):]
+            gap = max(abs(a - b) for a, b in zip(seq.logprobs, hf_lp))
+            worst = max(worst, gap)
+            moved = max(abs(a - b) for a, b in zip(seq.logprobs, base_lp))
+            print(f"{name}: |vLLM-HF| {gap:.2e}  |adapter-base| {moved:.2e}", flush=True)
+        engine.close()
+        del hf
+        print(f"{name}:", "OK" if worst <= tolerance else f"GAP ABOVE {tolerance}", worst, flush=True)
+        if worst > tolerance:
+            failed.append(name)
+    print("ALL OK" if not failed else f"FAILED {failed}")
