@@ -3,9 +3,12 @@ embedding module there), an untied tiny Qwen3 and an untied tiny Llama (Tink's v
 
     PYTHONPATH=. python bench/gpu/lm_head_check.py /tmp/lmh [/models/Qwen2.5-0.5B]
 
-Prints, per prompt, the sampled-token logprob gap vLLM vs HF (fp32 on CPU: <= 1e-4; bf16 on GPU, whose
-LoRA kernels refuse fp32: <= 0.05) and how far the
-adapter moves the logprobs from the base model (~1 or more: the lm_head delta is really applied).
+Prints, per prompt, the sampled-token logprob gap vLLM vs HF and how far the adapter moves the logprobs from
+the base model (several nats: the deltas are really applied). On CPU (fp32) every family must be within
+1e-4. On GPU both sides run bf16 (vLLM's LoRA kernels refuse fp32) and this adapter moves the logits by
+~6 nats, so the gap is bf16 rounding of that size (0.1-0.3 measured on vLLM 0.26, 2026-12-02); there the
+untied Llama, whose lm_head LoRA vLLM supports natively, is the control: a Qwen family passes when its gap
+is no larger than twice the control's.
 """
 
 import sys
@@ -30,7 +33,7 @@ if __name__ == "__main__":
     gpu = torch.cuda.is_available()
     # vLLM's GPU LoRA kernels take fp16/bf16 only (lora_shrink asserts it): bf16 there, fp32 on CPU.
     dtype, tolerance = ("bfloat16", 0.05) if gpu else ("float32", 1e-4)
-    failed = []
+    worst_by_model = {}
     for name, model in models.items():
         ref = AdapterRef(f"tinker://{name}/sampler_weights/000001",
                          make_adapter(model, root / f"adapter-{name}", seed=1), rank=8)
@@ -50,7 +53,11 @@ if __name__ == "__main__":
             print(f"{name}: |vLLM-HF| {gap:.2e}  |adapter-base| {moved:.2e}", flush=True)
         engine.close()
         del hf
-        print(f"{name}:", "OK" if worst <= tolerance else f"GAP ABOVE {tolerance}", worst, flush=True)
-        if worst > tolerance:
-            failed.append(name)
+        worst_by_model[name] = worst
+    control = worst_by_model.get("llama")
+    if gpu and control is not None:
+        tolerance = max(tolerance, 2 * control)
+    failed = [name for name, worst in worst_by_model.items() if worst > tolerance]
+    for name, worst in worst_by_model.items():
+        print(f"{name}: worst {worst:.2e}", "OK" if worst <= tolerance else f"ABOVE {tolerance:.2e}")
     print("ALL OK" if not failed else f"FAILED {failed}")

@@ -3,7 +3,8 @@
     python bench/gpu/plot_one_gpu.py bench/results/one_gpu --png bench/results/one_gpu.png
 
 Reads <prefix>_<shape>.json and, where present, <prefix>_<shape>_direct_logprobs.json (direct vLLM
-measured with and without per-token logprobs). Needs matplotlib (not a Tink dependency).
+measured with and without per-token logprobs) and trl_grpo_<shape>.json beside it (bench_trl_grpo.py).
+Needs matplotlib (not a Tink dependency).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def load(prefix: str) -> dict[str, dict]:
         extra = Path(f"{prefix}_{shape}_direct_logprobs.json")
         if extra.exists():
             data.update({k: v for k, v in json.loads(extra.read_text()).items() if k.startswith("direct")})
+        trl = path.with_name(f"trl_grpo_{shape}.json")
+        if trl.exists():
+            data["trl"] = json.loads(trl.read_text())
         out[shape] = data
     return out
 
@@ -35,7 +39,7 @@ def plot(results: dict[str, dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (sample_ax, train_ax, memory_ax) = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, (sample_ax, train_ax, step_ax, memory_ax) = plt.subplots(1, 4, figsize=(20, 4.6))
     shapes = list(results)
     x = range(len(shapes))
     width = 0.27
@@ -59,6 +63,25 @@ def plot(results: dict[str, dict], png: Path) -> None:
          "sampling 64 prompts x 8 x 256, lm_head LoRA r=32", "tokens/s")
     bars(train_ax, [("Tink forward_backward via SDK", "train_tok_s"), ("bare PEFT loop", ("bare_peft", "tok_s"))],
          "training 64 x 512 tokens (same micro-batches)", "tokens/s")
+
+    for i, shape in enumerate(shapes):
+        step = results[shape].get("grpo_full_step")
+        if step:
+            bottom = 0.0
+            for j, (label, key) in enumerate((("sample", "sample_s"), ("forward_backward", "forward_backward_s"),
+                                              ("optim_step + save", None))):
+                value = step[key] if key else step["optim_step_s"] + step["save_s"]
+                step_ax.bar(i - 0.18, value, 0.34, bottom=bottom, color=f"C{j}", label=f"Tink: {label}" if i == 0 else None)
+                bottom += value
+            step_ax.text(i - 0.18, bottom, f"{bottom:.1f} s", ha="center", va="bottom", fontsize=8)
+        trl = results[shape].get("trl", {}).get("step_s_best")
+        if trl:
+            step_ax.bar(i + 0.18, trl, 0.34, color="C4", label="TRL GRPOTrainer (colocated vLLM)" if i == 0 else None)
+            step_ax.text(i + 0.18, trl, f"{trl:.1f} s", ha="center", va="bottom", fontsize=8)
+    step_ax.set_xticks(list(x), [f"{s} shape" for s in shapes])
+    step_ax.set_ylabel("seconds")
+    step_ax.set_title("one GRPO step: 64 x 8 x 256 sampled, trained on")
+    step_ax.legend(fontsize=8)
 
     for i, shape in enumerate(shapes):
         plan = results[shape]["health_at_start"]["sampler"]["primary_health"]["memory_plan"]
