@@ -5,7 +5,8 @@
 
 Routes live in `src/api/` (one blueprint per group) and stay thin; no model code here.
 Errors are JSON: `{"error": "...", "field": "..."}` with 400 (bad input), 401 (API key),
-404 (unknown id), 413 (body too large); a backend failure fails its future, not the server.
+403 (expired or altered download link), 404 (unknown id), 413 (body too large); a backend
+failure fails its future, not the server.
 """
 
 from __future__ import annotations
@@ -17,14 +18,19 @@ from typing import Any
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .auth import KeyRing
+from .auth import KeyRing, UrlSigner, presented_key
 from .backends import BackendError, UserInputError
 from .config import Config, ConfigError
 from .worker import NotFoundError, TrainerUnavailableError, Worker
 
 log = logging.getLogger(__name__)
 
-UNAUTHENTICATED_PATHS = {"/api/v1/healthz"}
+UNAUTHENTICATED_PATHS = {"/api/v1/healthz", "/", "/dashboard"}  # the dashboard page asks for a key itself
+UNAUTHENTICATED_PATHS.add("/chat")  # the chat page asks for a key itself, like the dashboard
+UNAUTHENTICATED_PATHS.add("/metrics")  # Prometheus scrapes without a key; counts and timings only, no ids
+# Download links (checkpoint files, session traces): their signature is the authority.
+SIGNED_PATH_PREFIXES = ("/api/v1/checkpoint_files/", "/api/v1/trace_files/")
+PAGE_PATH_PREFIXES = ("/dashboard/static/", "/chat/static/")  # the pages' scripts and styles: no data in them
 
 
 def create_app(config: Config | None = None, worker: Worker | None = None) -> Flask:
@@ -36,20 +42,41 @@ def create_app(config: Config | None = None, worker: Worker | None = None) -> Fl
     app.json.sort_keys = False
     app.extensions["tink.worker"] = worker
     app.extensions["tink.tokenizer"] = functools.cache(lambda: _load_tokenizer(worker.base_model))
+    app.extensions["tink.url_signer"] = UrlSigner(
+        config.url_signing_secret.encode() if config.url_signing_secret else None)
 
-    from .api import futures, sampling, service, training, weights
+    from .api import (
+        checkpoints,
+        dashboard,
+        export,
+        futures,
+        metrics,
+        openai_compat,
+        sampling,
+        service,
+        sessions,
+        steering,
+        training,
+        weights,
+    )
 
-    for module in (service, training, weights, sampling, futures):
+    for module in (service, sessions, training, weights, checkpoints, sampling, futures, dashboard,
+                   openai_compat, export, metrics, steering):
         app.register_blueprint(module.bp)
+    from . import chat
+
+    app.register_blueprint(chat.bp)  # the chat page (src/chat)
 
     keyring = KeyRing(config.all_user_keys(), config.admin_keys)
 
     @app.before_request
     def authenticate() -> Any:
-        if request.path in UNAUTHENTICATED_PATHS:
+        if request.path in UNAUTHENTICATED_PATHS or request.path.startswith(SIGNED_PATH_PREFIXES + PAGE_PATH_PREFIXES):
             return None
-        caller = keyring.authenticate(request.headers.get("X-API-Key"))
+        caller = keyring.authenticate(presented_key(request.headers))
         if caller is None:
+            if request.blueprint == openai_compat.bp.name:  # OpenAI clients expect OpenAI's error shape
+                return openai_compat.unauthenticated()
             return jsonify({"error": "missing or invalid X-API-Key", "field": "X-API-Key"}), 401
         g.caller = caller
         return None
@@ -81,6 +108,10 @@ def _register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
+        if request.path.startswith("/v1/"):  # no /v1 route matched (404, 405): still OpenAI's error shape
+            from .api.openai_compat import http_error as openai_http_error
+
+            return openai_http_error(exc)
         return jsonify({"error": exc.description, "field": None}), exc.code
 
     @app.errorhandler(BackendError)

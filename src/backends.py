@@ -11,9 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .steering import LookInside
 
 
 class BackendError(RuntimeError):
@@ -40,25 +43,45 @@ class UserInputError(ValueError):
 # ----------------------------------------------------------------------------- training
 
 
+# Tinker's LoRA parametrization ("LoRA Without Regret"): alpha fixed at 32 whatever the rank, so the
+# scale is 32/rank and the best learning rate barely depends on the rank. The tinker-cookbook's
+# hyperparam_utils assumes it (`lora_alpha=32`); exported adapter_config.json files carry it.
+TINKER_LORA_ALPHA = 32
+OPTIMIZERS = ("adamw", "dimuon")  # Tinker's optimizer families (OptimizerConfig.type)
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """What a training client asked for at `create_model` time."""
 
     rank: int = 32
-    alpha: float | None = None  # None: alpha = rank (scale 1), as PEFT users usually pick
+    alpha: float | None = None  # None: Tinker's fixed TINKER_LORA_ALPHA (the SDK's LoraConfig has no alpha)
     seed: int | None = None
     train_attn: bool = True
     train_mlp: bool = True
     train_unembed: bool = True
+    optimizer: str = "adamw"  # Tinker's optimizer_config.type, fixed for the model's lifetime: adamw | dimuon
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
             raise UserInputError(f"lora_config.rank must be > 0, got {self.rank}", "lora_config.rank")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserInputError(f"optimizer {self.optimizer!r} is not supported; use one of {list(OPTIMIZERS)}",
+                                 "optimizer_config.type")
         if not (self.train_attn or self.train_mlp or self.train_unembed):
             raise UserInputError(
                 "lora_config needs at least one of train_attn, train_mlp, train_unembed",
                 "lora_config",
             )
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else TINKER_LORA_ALPHA
+
+    @property
+    def scale(self) -> float:
+        """What the adapter's B·A is multiplied by in the forward pass (PEFT's `scaling`)."""
+        return self.lora_alpha / self.rank
 
 
 @dataclass
@@ -93,6 +116,15 @@ class AdamParams:
     grad_clip_norm: float = 0.0
 
 
+@dataclass(frozen=True)
+class DimuonParams:
+    """The Tinker `DimuonParams`, field for field (`src/optimizers.py` has the update rule)."""
+
+    learning_rate: float
+    beta1: float = 0.9
+    grad_clip_norm: float = 0.0  # <= 0 disables clipping
+
+
 @runtime_checkable
 class Trainer(Protocol):
     """Trains many LoRA adapters on one shared base model.
@@ -119,8 +151,8 @@ class Trainer(Protocol):
         """Run the loss on `data`; unless `forward_only`, add its gradients to the adapter's."""
         ...
 
-    def optim_step(self, model_id: str, params: AdamParams) -> dict[str, float]:
-        """Apply the accumulated gradients with AdamW, then zero them."""
+    def optim_step(self, model_id: str, params: AdamParams | DimuonParams) -> dict[str, float]:
+        """Apply the accumulated gradients with the model's optimizer (AdamW or Dimuon), then zero them."""
         ...
 
     def save_state(self, model_id: str, directory: Path) -> None:
@@ -177,6 +209,32 @@ class SampleJob:
     adapter: AdapterRef | None = None  # None: the base model
     prompt_logprobs: bool = False
     prompt_logprobs_last_n: int | None = None  # score only the last N prompt tokens
+    topk_prompt_logprobs: int = 0  # the k most likely tokens at each scored prompt position
+    topk_sample_logprobs: int = 0  # the k most likely tokens at each generated position
+    target_prompt_logprobs: TargetIds | None = None  # chosen ids scored at chosen prompt positions
+    prompt_alt_tokens_k: int = 0  # draws from the next-token distribution at every prompt position
+    look: LookInside | None = None  # activations to capture / steering to apply (src/steering.py)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether anything is asked about the prompt itself (a forward pass over all of it)."""
+        return bool(self.prompt_logprobs or self.topk_prompt_logprobs or self.prompt_alt_tokens_k
+                    or self.target_prompt_logprobs is not None)
+
+
+@dataclass(frozen=True)
+class TargetIds:
+    """The SDK's `target_prompt_logprobs`: `ids[i, j]` is scored at prompt position i + 1, -1 asks nothing.
+
+    `csr` keeps the request's sparse layout (crow, col indices), so the answer can have the same one.
+    """
+
+    ids: np.ndarray  # int64 [len(prompt) - 1, K]
+    csr: tuple[list[int], list[int]] | None = None
+
+
+TopK = list[tuple[int, float]]
+"""(token id, logprob) pairs, most likely first (ties by token id); impossible tokens (-inf) left out."""
 
 
 @dataclass
@@ -184,6 +242,16 @@ class SampledSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str  # "stop" | "length"
+    topk_logprobs: list[TopK] | None = None  # per generated token, when the job asked for topk_sample_logprobs
+    captures: list[np.ndarray] | None = None  # per `job.look.capture`, float32 (src/steering.py)
+
+
+@dataclass
+class PromptAltTokens:
+    """`prompt_alt_tokens_k` draws: row i holds k ids drawn at prompt position i + 1, and their logprobs."""
+
+    tokens: np.ndarray  # int64 [len(prompt) - 1, k]
+    logprobs: np.ndarray  # float32 [len(prompt) - 1, k]
 
 
 @dataclass
@@ -191,6 +259,10 @@ class SampleResult:
     sequences: list[SampledSequence]
     # One entry per prompt token; the first is None (no context precedes it).
     prompt_logprobs: list[float | None] | None = None
+    # One entry per prompt token, None where not scored (the first one, those before prompt_logprobs_last_n).
+    topk_prompt_logprobs: list[TopK | None] | None = None
+    target_prompt_logprobs: np.ndarray | None = None  # float32, TargetIds.ids' shape, 0.0 where it had -1
+    prompt_alt_tokens: PromptAltTokens | None = None
     extras: dict[str, float] = field(default_factory=dict)
     served_by: str = ""  # the sampler that produced it (set by FallbackSampler: "vllm", "hf", ...)
 

@@ -1,34 +1,50 @@
-"""Checkpoint folders and `tinker://` paths.
+"""Checkpoint folders and `tinker://` paths, their lifetimes and their removal.
 
-    tinker://<model_id>/weights/<name>          training state: PEFT adapter + optimizer
-    tinker://<model_id>/sampler_weights/<name>  PEFT adapter only, servable by vLLM / PEFT
+    tinker://<model_id>/weights/<name>           training state: PEFT adapter + optimizer
+    tinker://<model_id>/sampler_weights/<name>   PEFT adapter only, servable by vLLM / PEFT
+    tinker://<model_id>/external_weights/<name>  PEFT adapter only, for download (`tinker checkpoint download`)
 
 Each lives in `<state_dir>/checkpoints/<model_id>/<kind>/<name>/`. A folder is written
 under a temporary name, fsynced, then renamed into place, so a reader (or a restart after
 a crash) sees either the complete old checkpoint or the complete new one, never a mix.
+Removal is the reverse: renamed away first (readers see it gone at once), row deleted, then
+the files; a crash in between leaves a hidden folder that the next start clears.
+
+A checkpoint with a TTL is removed (files and row) once it expires, by `ExpirySweeper`: once
+when the worker starts, then on a timer.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .backends import UserInputError
 
-KIND_SEGMENTS = {"training": "weights", "sampler": "sampler_weights"}
+log = logging.getLogger(__name__)
+
+KIND_SEGMENTS = {"training": "weights", "sampler": "sampler_weights", "external": "external_weights"}
 _SEGMENT_KINDS = {v: k for k, v in KIND_SEGMENTS.items()}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+# The SDK's documented TTL range: 1 hour to 10 years.
+MIN_TTL_S = 3600
+MAX_TTL_S = 10 * 365 * 24 * 3600
+_HIDDEN_MARKERS = (".tmp-", ".old-", ".deleted-")  # staging / retired / removed folders of this module
 
 
 @dataclass(frozen=True)
 class TinkerPath:
     model_id: str
-    kind: str  # training | sampler
+    kind: str  # training | sampler | external
     name: str
 
     def __str__(self) -> str:
@@ -41,12 +57,21 @@ class TinkerPath:
         parts = path[len("tinker://"):].split("/")
         if len(parts) != 3 or parts[1] not in _SEGMENT_KINDS:
             raise UserInputError(
-                f"{field} must look like tinker://<model_id>/weights/<name> or "
-                f"tinker://<model_id>/sampler_weights/<name>, got {path!r}",
+                f"{field} must look like tinker://<model_id>/<kind>/<name> with <kind> one of "
+                f"{', '.join(_SEGMENT_KINDS)}, got {path!r}",
                 field,
             )
         check_name(parts[2], field)
         return cls(model_id=parts[0], kind=_SEGMENT_KINDS[parts[1]], name=parts[2])
+
+    @classmethod
+    def of_checkpoint_id(cls, model_id: str, checkpoint_id: str, field: str = "checkpoint_id") -> TinkerPath:
+        """From the REST form the SDK sends: `model_id` and `checkpoint_id` = `<kind segment>/<name>`."""
+        return cls.parse(f"tinker://{model_id}/{checkpoint_id}", field)
+
+    @property
+    def checkpoint_id(self) -> str:
+        return f"{KIND_SEGMENTS[self.kind]}/{self.name}"
 
 
 def check_name(name: str, field: str = "path") -> str:
@@ -60,6 +85,81 @@ def check_name(name: str, field: str = "path") -> str:
 
 def directory_for(root: Path, path: TinkerPath) -> Path:
     return root / path.model_id / KIND_SEGMENTS[path.kind] / path.name
+
+
+def expiry_for(ttl_seconds: Any, field: str = "ttl_seconds", now: float | None = None) -> float | None:
+    """The expiry time of a checkpoint given `ttl_seconds` from now (None: it never expires).
+
+    Raises UserInputError naming `field` unless it is an integer within the SDK's range.
+    """
+    if ttl_seconds is None:
+        return None
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int):
+        raise UserInputError(f"{field} must be an integer number of seconds or null (never expires), "
+                             f"got {ttl_seconds!r}", field)
+    if not MIN_TTL_S <= ttl_seconds <= MAX_TTL_S:
+        raise UserInputError(f"{field} must be between {MIN_TTL_S} (1 hour) and {MAX_TTL_S} (10 years), "
+                             f"got {ttl_seconds}", field)
+    return (time.time() if now is None else now) + ttl_seconds
+
+
+def is_expired(record: dict[str, Any], now: float | None = None) -> bool:
+    """Whether a checkpoint's store row is past its TTL (gone for readers, even before the sweep)."""
+    return record["expires_at"] is not None and record["expires_at"] <= (time.time() if now is None else now)
+
+
+def remove_checkpoint(directory: Path, forget: Callable[[], None]) -> None:
+    """Remove a checkpoint: its folder renamed away (readers see it gone at once), then `forget()`
+    (its database row), then its files. A crash after the rename leaves a hidden folder, which
+    `clear_leftovers` deletes at the next start (and, before `forget`, a row readers get 404 for)."""
+    tombstone = None
+    if directory.exists():
+        tombstone = Path(tempfile.mkdtemp(prefix=f".{directory.name}.deleted-", dir=directory.parent))
+        os.rename(directory, tombstone / "c")
+        _fsync_dir(directory.parent)
+    forget()
+    if tombstone is not None:
+        shutil.rmtree(tombstone, ignore_errors=True)
+
+
+def clear_leftovers(root: Path) -> int:
+    """Delete the hidden staging, retired and removed folders an interrupted process left under
+    `root` (call before serving: a write in flight would also have one). Returns how many."""
+    if not root.is_dir():
+        return 0
+    leftovers = [p for p in root.glob("*/*/.*") if p.is_dir() and any(m in p.name for m in _HIDDEN_MARKERS)]
+    for folder in leftovers:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(leftovers)
+
+
+class ExpirySweeper:
+    """Calls `remove_expired()` every `interval_s` seconds on a daemon thread until `stop()`.
+
+        >>> sweeper = ExpirySweeper(worker.remove_expired_checkpoints, interval_s=60)
+        >>> sweeper.start(); ...; sweeper.stop()
+    """
+
+    def __init__(self, remove_expired: Callable[[], int], interval_s: float):
+        self._remove_expired = remove_expired
+        self._interval_s = interval_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="checkpoint-expiry", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            try:
+                self._remove_expired()
+            except Exception:  # a failed sweep (disk, database) must not end the timer; the next one retries
+                log.exception("removing expired checkpoints failed")
 
 
 def write_atomically(target: Path, write: Callable[[Path], None], overwrite: bool) -> int:

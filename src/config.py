@@ -47,10 +47,15 @@ _ENV_FIELDS: dict[str, str] = {
     "TINK_MAX_TOKENS_PER_REQUEST": "max_tokens_per_request",
     "TINK_MAX_SAMPLE_TOKENS": "max_sample_tokens",
     "TINK_MAX_NUM_SAMPLES": "max_num_samples",
+    "TINK_MAX_TOPK_LOGPROBS": "max_topk_logprobs",
+    "TINK_CAPTURE_ALL_MAX_TOKENS": "capture_all_max_tokens",
     "TINK_HF_SAMPLER_ADAPTERS": "hf_sampler_adapters",
     "TINK_TRAIN_MICROBATCH_TOKENS": "train_microbatch_tokens",
     "TINK_GRADIENT_CHECKPOINTING": "gradient_checkpointing",
     "TINK_TRAIN_MEMORY_RESERVE_GB": "train_memory_reserve_gb",
+    "TINK_BATCH_ADAPTERS": "batch_adapters",
+    "TINK_BATCH_ADAPTERS_MAX_MODELS": "batch_adapters_max_models",
+    "TINK_BATCH_ADAPTERS_MAX_TOKENS": "batch_adapters_max_tokens",
     "USE_VLLM": "use_vllm",
     "USE_MEGATRON": "use_megatron",
     "VLLM_BACKEND": "vllm_backend",
@@ -66,6 +71,10 @@ _ENV_FIELDS: dict[str, str] = {
     "VLLM_MAX_NUM_SEQS": "vllm_max_num_seqs",
     "VLLM_MAX_NUM_BATCHED_TOKENS": "vllm_max_num_batched_tokens",
     "MEGATRON_SERVER_URL": "megatron_server_url",
+    "TINK_CHECKPOINT_SWEEP_S": "checkpoint_sweep_s",
+    "TINK_DOWNLOAD_URL_TTL_S": "download_url_ttl_s",
+    "TINK_URL_SIGNING_SECRET": "url_signing_secret",
+    "TINK_PUBLIC_URL": "public_url",
 }
 
 EMBEDDED_MODEL = "tiny"  # TINK_BASE_MODEL value that selects the locally built default model
@@ -86,6 +95,11 @@ class Config:
     # the engine, which batches them: fewer threads cap the batch), 16 with HF (it runs one at a time).
     sampling_threads: int | None = None
     retrieve_wait_s: float = 20.0  # long-poll of retrieve_future before answering try_again
+    # --- checkpoints
+    checkpoint_sweep_s: float = 60.0  # how often expired checkpoints (TTL) are removed; also once at start
+    download_url_ttl_s: int = 900  # lifetime of a signed download link (external_weights_urls)
+    url_signing_secret: str | None = None  # HMAC key of download links; None: random per process start
+    public_url: str | None = None  # base of download links (behind a proxy); None: the address the client used
     # --- model
     base_model: str = EMBEDDED_MODEL
     device: str = "auto"
@@ -100,11 +114,18 @@ class Config:
     max_tokens_per_request: int = 1 << 20
     max_sample_tokens: int = 32768
     max_num_samples: int = 1024
+    max_topk_logprobs: int = 20  # top-k widths, prompt_alt_tokens_k, distinct target ids (vLLM's max_logprobs)
     hf_sampler_adapters: int = 8
+    capture_all_max_tokens: int = 256  # most max_tokens of a request capturing with reduce "all"
     # --- trainer memory (see src/memory.py)
     train_microbatch_tokens: int = 16384  # most (padded) tokens in one forward pass; fewer if memory is short
     gradient_checkpointing: str = "auto"  # auto | true | false
     train_memory_reserve_gb: float | None = None  # GPU memory kept for training when vLLM shares the GPU
+    # --- many adapters in one pass (see src/multi_adapter.py)
+    # Off by default: exact, but not faster on CPU (bench/bench_multi_adapter.py); not yet measured on a GPU.
+    batch_adapters: bool = False  # waiting forward_backward / forward requests of different models share a pass
+    batch_adapters_max_models: int = 8  # most models (requests) in one joined pass
+    batch_adapters_max_tokens: int = 65536  # most tokens (all datums of all joined requests) in one joined pass
     # --- backends
     use_vllm: bool = False
     use_megatron: bool = False
@@ -192,9 +213,23 @@ class Config:
                               f"{self.gradient_checkpointing!r}")
         if self.train_microbatch_tokens < 1:
             raise ConfigError(f"TINK_TRAIN_MICROBATCH_TOKENS must be >= 1, got {self.train_microbatch_tokens}")
+        if self.batch_adapters_max_models < 1 or self.batch_adapters_max_tokens < 1:
+            raise ConfigError("TINK_BATCH_ADAPTERS_MAX_MODELS and TINK_BATCH_ADAPTERS_MAX_TOKENS must be >= 1, got "
+                              f"{self.batch_adapters_max_models} and {self.batch_adapters_max_tokens}")
         if self.vllm_gpu_memory_utilization is not None and not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ConfigError("VLLM_GPU_MEMORY_UTILIZATION must be in (0, 1], got "
                               f"{self.vllm_gpu_memory_utilization}")
+        if not self.checkpoint_sweep_s > 0:
+            raise ConfigError(f"TINK_CHECKPOINT_SWEEP_S must be > 0 seconds, got {self.checkpoint_sweep_s}")
+        if self.download_url_ttl_s < 10:
+            raise ConfigError(f"TINK_DOWNLOAD_URL_TTL_S must be >= 10 seconds, got {self.download_url_ttl_s}")
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise ConfigError(f"TINK_PUBLIC_URL must start with http:// or https://, got {self.public_url!r}")
+        from .logprob_options import MAX_TOPK_LOGPROBS
+
+        if not 1 <= self.max_topk_logprobs <= MAX_TOPK_LOGPROBS:
+            raise ConfigError(f"TINK_MAX_TOPK_LOGPROBS must be between 1 and {MAX_TOPK_LOGPROBS}, got "
+                              f"{self.max_topk_logprobs}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"TINK_PORT must be a port number, got {self.port}")
 

@@ -64,15 +64,27 @@ def run_loop(base_url: str, api_key: str, steps: int, group_size: int = 8, max_t
                         "advantages": [0.0] * n + [reward - mean] * len(seq.tokens),
                     },
                 ))
+        mean_reward = sum(step_rewards) / len(step_rewards)
+        # Before the optimizer step: with no "step" given, the worker files it under the step in progress.
+        report_metrics(base_url, api_key, trainer.model_id, {"reward/mean": mean_reward})
         if data:
             trainer.forward_backward(data, "importance_sampling")
             trainer.optim_step(types.AdamParams(learning_rate=learning_rate)).result()
-        mean_reward = sum(step_rewards) / len(step_rewards)
         rewards_per_step.append(mean_reward)
         bar.set_postfix(mean_reward=f"{mean_reward:.3f}")
         if not quiet:
             tqdm.write(f"step {step:3d}  mean reward {mean_reward:.3f}  {'#' * int(mean_reward * 40)}")
     return rewards_per_step
+
+
+def report_metrics(base_url: str, api_key: str, model_id: str, metrics: dict[str, float],
+                   step: int | None = None) -> None:
+    """Attach scalars to the run, plotted on the worker's dashboard (`/dashboard`) beside its loss."""
+    import httpx
+
+    body: dict = {"metrics": metrics} if step is None else {"step": step, "metrics": metrics}
+    httpx.post(f"{base_url.rstrip('/')}/api/v1/training_runs/{model_id}/metrics", json=body,
+               headers={"X-API-Key": api_key}, timeout=30).raise_for_status()
 
 
 def _free_port() -> int:
@@ -114,6 +126,7 @@ def main(steps: int = 30) -> int:
         started = time.time()
         proc, url = start_worker(state, api_key)
         print(f"Worker ready at {url} after {time.time() - started:.0f}s", flush=True)
+        print(f"Live plots: {url}/dashboard (with the demo's API key)", flush=True)
     try:
         rewards = run_loop(url, api_key, steps)
     finally:

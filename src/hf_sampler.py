@@ -5,7 +5,9 @@ Selected when `USE_VLLM` is unset (or as vLLM's fallback); `TINK_DEVICE`, `TINK_
 Token choice happens in our own logits processor rather than in `generate`, for two reasons:
 the logprob we report is then exactly that of the distribution the token was drawn from, and
 the draw uses a private `torch.Generator`, so a seed reproduces a job even while other threads
-use torch's global RNG.
+use torch's global RNG. What a job asks about its prompt (prompt logprobs, `topk_prompt_logprobs`,
+`target_prompt_logprobs`, `prompt_alt_tokens_k`) comes from the one forward pass over the prompt that
+also fills the KV cache (`src/prompt_scoring.py`); `topk_sample_logprobs` from the decoder's own step.
 
     >>> from src.backends import SampleJob, SamplingParams
     >>> from src.tiny_model import ensure_tiny_model
@@ -45,21 +47,23 @@ from .backends import (
     SampleResult,
     SamplingParams,
     TokenSink,
+    TopK,
     UserInputError,
 )
+from .logprob_options import check_options
+from .prompt_scoring import LOGIT_CHUNK_ELEMENTS, PromptScorer, top_k
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-# Prompt logprobs are made this many logits at a time in fp32 (256 MiB), whatever the prompt length.
-LOGIT_CHUNK_ELEMENTS = 1 << 26
 
 
 class HFSampler:
     """Implements `Sampler`; one lock serialises every use of the model (adapter switching included)."""
 
     name = "hf"
+    looks_inside = True  # capture and steering through forward hooks (src/steering.py)
 
     def __init__(self, base_model: str, device: str = "auto", dtype: str = "auto", max_loaded_adapters: int = 8,
                  model: torch.nn.Module | None = None):
@@ -118,16 +122,17 @@ class HFSampler:
         if job.num_samples < 1:
             raise UserInputError(f"num_samples must be >= 1, got {job.num_samples}", "num_samples")
         _check_params(params)
+        check_options(job, self._vocab)
         if params.stop_strings and self._tokenizer is None:
             raise BackendError(f"hf sampler has no tokenizer for {self.base_model}, so it cannot match stop strings; "
                                "add the tokenizer files to the model folder or send stop token ids instead")
         with self._lock:
             self._check_open()
-            with self._activated(job.adapter), torch.inference_mode():
+            with self._activated(job.adapter), torch.inference_mode(), self._hooks(job) as hooks:
                 try:
-                    prompt_lps, cache = self._prefix(job.prompt, job.prompt_logprobs, job.num_samples)
+                    prompt_answers, cache = self._prefix(job, job.num_samples)
                     decoder = _Decoder(job.num_samples, params, self._stop_ids(params), self._tokenizer, self.device,
-                                       sink)
+                                       sink, topk=job.topk_sample_logprobs)
                     ids = torch.tensor([job.prompt], device=self.device).repeat(job.num_samples, 1)
                     generation = GenerationConfig(max_new_tokens=params.max_tokens, do_sample=False, num_beams=1,
                                                   pad_token_id=self._pad, eos_token_id=None, use_cache=True)
@@ -139,15 +144,19 @@ class HFSampler:
                                        f"{params.max_tokens} tokens from {self.base_model}; ask for fewer samples "
                                        "or tokens, or set USE_VLLM=true") from exc
                 sequences = decoder.sequences()
-        return SampleResult(sequences=sequences, prompt_logprobs=prompt_lps)
+                if hooks is not None:
+                    for seq, values in zip(sequences, hooks.captures([len(s.tokens) for s in sequences])):
+                        seq.captures = values
+        return SampleResult(sequences=sequences, **prompt_answers)
 
     def compute_logprobs(self, adapter: AdapterRef | None, tokens: list[int]) -> list[float | None]:
         """[None] + [log p(tokens[t] | tokens[:t]) for t >= 1] under `adapter` (None: the base model), fp32."""
         self._check_tokens(tokens)
+        job = SampleJob(tokens, 1, SamplingParams(), adapter, prompt_logprobs=True)
         with self._lock:
             self._check_open()
             with self._activated(adapter), torch.inference_mode():
-                return self._prefix(tokens, True, 1)[0]
+                return self._prefix(job, 1)[0]["prompt_logprobs"]
 
     def health(self) -> dict[str, object]:
         return {"live": not self._closed, "backend": self.name, "base_model": self.base_model,
@@ -184,33 +193,37 @@ class HFSampler:
     def _stop_ids(self, params: SamplingParams) -> tuple[int, ...]:
         return tuple(set(params.stop_token_ids) | (set(self._eos) if params.stop_at_eos else set()))
 
-    def _prefix(self, prompt: list[int], want_logprobs: bool,
-                copies: int) -> tuple[list[float | None] | None, object | None]:
-        """Run prompt[:-1] once: its logprobs (if wanted) and a KV cache repeated `copies` times.
+    def _prefix(self, job: SampleJob, copies: int) -> tuple[dict[str, object], object | None]:
+        """Run prompt[:-1] once: what the job asks about its prompt, and a KV cache repeated `copies` times.
 
         `generate` then only feeds the last prompt token, so the prompt is processed once per
-        job instead of once per sample, and prompt logprobs cost no extra forward pass.
+        job instead of once per sample, and prompt answers cost no extra forward pass.
         """
+        scorer = PromptScorer(job, self.device) if job.scores_prompt else None
+        prompt = job.prompt
         if len(prompt) == 1:
-            return ([None] if want_logprobs else None), None
+            return (scorer.fields() if scorer else {}), None
         ids = torch.tensor([prompt[:-1]], device=self.device)
-        out = self._hf(input_ids=ids, use_cache=True, logits_to_keep=0 if want_logprobs else 1)
-        logprobs: list[float | None] | None = None
-        if want_logprobs:
-            logits, targets = out.logits[0], torch.tensor(prompt[1:], device=self.device)
+        out = self._hf(input_ids=ids, use_cache=True, logits_to_keep=0 if scorer else 1)
+        if scorer is not None:
+            logits = out.logits[0]
             rows = max(1, LOGIT_CHUNK_ELEMENTS // logits.shape[-1])
-            parts = []
-            for start in range(0, len(targets), rows):
+            for start in range(0, len(logits), rows):
                 # fp32 before log_softmax: a bf16 logsumexp over a large vocabulary loses ~0.01 nats.
-                chunk = logits[start:start + rows].float()
-                parts.append(chunk.gather(-1, targets[start:start + rows, None])[:, 0] - chunk.logsumexp(-1))
-            logprobs = [None, *torch.cat(parts).tolist()]
+                scorer.add(start, logits[start:start + rows].float())
+        answers = scorer.fields() if scorer else {}
         cache = out.past_key_values
         if copies > 1:
             if not hasattr(cache, "batch_repeat_interleave"):
-                return logprobs, None  # an exotic cache: let generate process the prompt per sample
+                return answers, None  # an exotic cache: let generate process the prompt per sample
             cache.batch_repeat_interleave(copies)
-        return logprobs, cache
+        return answers, cache
+
+    def _hooks(self, job: SampleJob) -> AbstractContextManager:
+        """The job's capture and steering hooks (`HFHooks`) for the prefix pass and `generate`; else nothing."""
+        from .steering import HFHooks
+
+        return HFHooks(self._hf, job.look, len(job.prompt)) if job.look is not None else nullcontext()
 
     def _activated(self, ref: AdapterRef | None) -> AbstractContextManager:
         """Route forward passes through adapter `ref` only (None: through none), loading it if needed."""
@@ -281,8 +294,8 @@ class _Decoder(LogitsProcessor):
     """
 
     def __init__(self, rows: int, params: SamplingParams, stop_ids: tuple[int, ...], tokenizer: object,
-                 device: torch.device, sink: TokenSink | None = None):
-        self.params, self.tokenizer, self.sink = params, tokenizer, sink
+                 device: torch.device, sink: TokenSink | None = None, topk: int = 0):
+        self.params, self.tokenizer, self.sink, self.topk = params, tokenizer, sink, topk
         self.greedy = params.temperature == 0
         warpers: list[LogitsProcessor] = []
         if not self.greedy:  # HF's own warpers, in HF's order: temperature, top-k, top-p
@@ -302,6 +315,7 @@ class _Decoder(LogitsProcessor):
         self.window = 4 * max((len(s) for s in params.stop_strings), default=0) + 8
         self.tokens: list[torch.Tensor] = []
         self.logprobs: list[torch.Tensor] = []
+        self.topk_logprobs: list[list[TopK]] = []  # per step, per row: `topk_sample_logprobs`
         self.history: list[list[int]] = [[] for _ in range(rows)]  # CPU copy, kept only for stop strings
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.end = torch.full((rows,), params.max_tokens, dtype=torch.long, device=device)
@@ -318,6 +332,8 @@ class _Decoder(LogitsProcessor):
             chosen = torch.multinomial(logprobs.exp(), 1, generator=self.generator)[:, 0]
         self.tokens.append(chosen)
         self.logprobs.append(logprobs.gather(-1, chosen[:, None])[:, 0])
+        if self.topk:  # of the distribution the token was drawn from, like its own logprob
+            self.topk_logprobs.append(top_k(logprobs, self.topk))
         hit = torch.isin(chosen, self.stop_ids) if self.stop_ids.numel() else torch.zeros_like(self.done)
         if self.params.stop_strings:
             hit = hit | self._string_hits(chosen.tolist())
@@ -348,8 +364,12 @@ class _Decoder(LogitsProcessor):
         """Each row cut after the token that stopped it (or at max_tokens); steps past that are padding."""
         tokens = torch.stack(self.tokens, dim=1).tolist()
         logprobs = torch.stack(self.logprobs, dim=1).tolist()
-        return [SampledSequence(tokens=t[:end], logprobs=lp[:end], stop_reason="stop" if stopped else "length")
-                for t, lp, end, stopped in zip(tokens, logprobs, self.end.tolist(), self.stopped.tolist())]
+        out = []
+        for row, (t, lp, end, stopped) in enumerate(zip(tokens, logprobs, self.end.tolist(), self.stopped.tolist())):
+            topk = [step[row] for step in self.topk_logprobs[:end]] if self.topk else None
+            out.append(SampledSequence(tokens=t[:end], logprobs=lp[:end], stop_reason="stop" if stopped else "length",
+                                       topk_logprobs=topk))
+        return out
 
 
 class _Done(StoppingCriteria):

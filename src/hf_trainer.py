@@ -1,7 +1,8 @@
 """The in-process trainer: many LoRA adapters (HF PEFT) on one frozen HF causal LM.
 
 Selected by default (`USE_MEGATRON` unset); `TINK_DEVICE` and `TINK_DTYPE` pick where and how
-the base model runs. Each Tinker `model_id` is one PEFT adapter with its own AdamW; gradients
+the base model runs. Each Tinker `model_id` is one PEFT adapter (Tinker's scale: alpha 32 over the
+rank) with its own optimizer, AdamW or Dimuon as chosen at creation (`src/optimizers.py`); gradients
 accumulate over `forward_backward` calls until `optim_step`, as in Tinker.
 
     >>> from src.backends import AdamParams, LoraSpec, TrainDatum
@@ -32,9 +33,26 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .backends import AdamParams, BackendError, ForwardBackwardResult, LoraSpec, TrainDatum, UserInputError
+from .backends import (
+    AdamParams,
+    BackendError,
+    DimuonParams,
+    ForwardBackwardResult,
+    LoraSpec,
+    TrainDatum,
+    UserInputError,
+)
 from .losses import microbatch_loss, validate_inputs
 from .memory import CHECKPOINTING_MODES, MicrobatchBudget, activation_bytes_per_token
+from .multi_adapter import AdapterPass, RowRouting, Segment, segments_of
+from .optimizers import (
+    check_loadable_state,
+    check_optim_params,
+    checkpoint_lora_scale,
+    make_optimizer,
+    rescale_state,
+    set_hyperparameters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +76,19 @@ class _Adapter:
     peft_name: str  # a safe PEFT adapter name: model_ids may hold dots, which ModuleDict forbids
     spec: LoraSpec
     params: dict[str, torch.nn.Parameter]  # PEFT file key -> parameter, in a fixed order
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.Optimizer  # AdamW or Dimuon, per spec.optimizer
     step: int = 0
+
+
+@dataclass
+class _Member:
+    """One model's request inside a (possibly joined) forward_backward, validated."""
+
+    model_id: str
+    adapter: _Adapter
+    data: list[TrainDatum]
+    loss_fn: str
+    loss_fn_config: dict[str, float | str] | None
 
 
 class HFTrainer:
@@ -155,8 +184,8 @@ class HFTrainer:
                         raise UserInputError(f"{self.base_model} has none of the modules {list(names)}; "
                                              f"set {switch}=False", f"lora_config.{switch}")
                     modules += found
-            config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
-                                target_modules=modules, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+            config = LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, target_modules=modules, lora_dropout=0.0,
+                                bias="none", task_type="CAUSAL_LM")
             name, self._serial = f"tink{self._serial}", self._serial + 1
             # PEFT initialises on the CPU; fork the CPU RNG only when seeded, so unseeded
             # adapters still draw fresh values from the global generator.
@@ -170,7 +199,7 @@ class HFTrainer:
             suffix = f".{name}.weight"
             params = {_IN_MEMORY_KEY.sub(r".lora_\1.weight", n): p for n, p in self._peft.named_parameters()
                       if n.endswith(suffix) and _IN_MEMORY_KEY.search(n)}
-            optimizer = torch.optim.AdamW(list(params.values()), lr=0.0, weight_decay=0.0)
+            optimizer = make_optimizer(spec.optimizer, _lora_pairs(params), spec)
             self._adapters[model_id] = _Adapter(name, spec, params, optimizer)
 
     def delete_adapter(self, model_id: str) -> None:
@@ -211,37 +240,87 @@ class HFTrainer:
         pending gradients are exactly what they were before it.
         """
         with self._lock:
-            adapter = self._get(model_id)
+            member = _Member(model_id, self._get(model_id), data, loss_fn, loss_fn_config)
             self._validate(data, loss_fn, loss_fn_config)
-            earlier = None if forward_only else _take_grads(adapter.params.values())
-            try:
-                return self._run_until_it_fits(model_id, adapter, data, loss_fn, loss_fn_config, forward_only)
-            except BaseException:
-                if earlier is not None:
-                    _take_grads(adapter.params.values())  # a failed call leaves no partial gradient behind
-                raise
-            finally:
-                if earlier is not None:
-                    _add_grads(adapter.params.values(), earlier)
+            return self._run_members([member], forward_only)[0]
 
-    def _run_until_it_fits(self, model_id: str, adapter: _Adapter, data: list[TrainDatum], loss_fn: str,
-                           loss_fn_config: dict[str, float | str] | None, forward_only: bool) -> ForwardBackwardResult:
+    def forward_backward_many(self, passes: list[AdapterPass],
+                              forward_only: bool) -> list[ForwardBackwardResult | BaseException]:
+        """Each pass's `forward_backward` result (or its error), computed in one joined pass where possible.
+
+        Every pass is validated alone first: a bad one gets its error and the others run. The rest
+        share micro-batches, each row through its own adapter (`src/multi_adapter.py`), so each
+        adapter gets the gradient and outputs it would get alone. If the joined pass fails (out of
+        memory on one datum, an error found late), every adapter's pending gradients are put back
+        as they were and each pass runs alone, so each gets its own result or error.
+        """
+        with self._lock:
+            results: list[ForwardBackwardResult | BaseException | None] = [None] * len(passes)
+            joined: list[tuple[int, _Member]] = []
+            alone: list[tuple[int, _Member]] = []
+            for i, p in enumerate(passes):
+                try:
+                    member = _Member(p.model_id, self._get(p.model_id), p.data, p.loss_fn, p.loss_fn_config)
+                    self._validate(p.data, p.loss_fn, p.loss_fn_config)
+                except UserInputError as exc:
+                    results[i] = exc
+                    continue
+                # A model twice (never from the scheduler, which joins one request per model) runs alone, in order.
+                (alone if any(m.model_id == p.model_id for _, m in joined) else joined).append((i, member))
+            if len(joined) > 1:
+                try:
+                    for (i, _), result in zip(joined, self._run_members([m for _, m in joined], forward_only)):
+                        results[i] = result
+                except BaseException as exc:  # pending gradients are back as they were: safe to run again
+                    log.warning("hf-peft: the joined pass of %d models failed (%s: %s); running each alone",
+                                len(joined), type(exc).__name__, exc)
+                    alone = joined + alone
+            else:
+                alone = joined + alone
+            for i, member in sorted(alone, key=lambda pair: pair[0]):
+                try:
+                    results[i] = self._run_members([member], forward_only)[0]
+                except BaseException as exc:  # fails this pass only, as the scheduler fails one operation
+                    results[i] = exc
+            return results  # type: ignore[return-value]  # every slot is filled above
+
+    def _run_members(self, members: list[_Member], forward_only: bool) -> list[ForwardBackwardResult]:
+        """`_run_until_it_fits` from no pending gradient; the earlier gradients are added back after it,
+        or, if it fails, put back exactly as they were (the failed attempt's are dropped)."""
+        params = [list(m.adapter.params.values()) for m in members]
+        earlier = None if forward_only else [_take_grads(p) for p in params]
+        try:
+            return self._run_until_it_fits(members, forward_only)
+        except BaseException:
+            if earlier is not None:
+                for p in params:
+                    _take_grads(p)  # a failed call leaves no partial gradient behind
+            raise
+        finally:
+            if earlier is not None:
+                for p, grads in zip(params, earlier):
+                    _add_grads(p, grads)
+
+    def _run_until_it_fits(self, members: list[_Member], forward_only: bool) -> list[ForwardBackwardResult]:
         """`_run_microbatches`, again with smaller micro-batches (or checkpointing) after each out-of-memory
         error, from no pending gradient each time, until it fits or a single datum does not."""
-        longest = max(len(d.tokens) for d in data)
+        longest = max(len(d.tokens) for m in members for d in m.data)
+        count = sum(len(m.data) for m in members)
+        names = ", ".join(repr(m.model_id) for m in members)
         checkpointing = bool(not forward_only and self._checkpoint_layers
                              and self.budget.should_checkpoint(self.gradient_checkpointing, longest))
         while True:
             try:
-                result = self._run_microbatches(adapter, data, loss_fn, loss_fn_config, forward_only, checkpointing)
+                result = self._run_microbatches(members, forward_only, checkpointing)
                 self._last_checkpointed = checkpointing
                 return result
             except torch.OutOfMemoryError as exc:
                 if not forward_only:
-                    _take_grads(adapter.params.values())  # drop this attempt's partial gradients
+                    for m in members:
+                        _take_grads(m.adapter.params.values())  # drop this attempt's partial gradients
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                failed, failed_tokens = getattr(exc, "tink_microbatch", (len(data), longest * len(data)))
+                failed, failed_tokens = getattr(exc, "tink_microbatch", (count, longest * count))
                 if failed > 1:
                     self.budget.shrink(checkpointing, failed_tokens)
                 elif (not checkpointing and not forward_only and self._checkpoint_layers
@@ -249,31 +328,47 @@ class HFTrainer:
                     checkpointing = True
                 else:
                     raise BackendError(
-                        f"hf-peft ran out of memory in forward_backward for {model_id!r} on one datum of {longest} "
+                        f"hf-peft ran out of memory in forward_backward for {names} on one datum of {longest} "
                         f"tokens (activation checkpointing {'on' if checkpointing else 'off'}); its pending gradients "
                         "are unchanged. Send shorter datums, set TINK_GRADIENT_CHECKPOINTING=true, or give training "
                         "more of the GPU (TINK_TRAIN_MEMORY_RESERVE_GB, VLLM_GPU_MEMORY_UTILIZATION)") from exc
                 log.warning("hf-peft: out of memory in forward_backward for %s; retrying with micro-batches of <= %d "
-                            "tokens, activation checkpointing %s", model_id, self.budget.tokens(checkpointing),
+                            "tokens, activation checkpointing %s", names, self.budget.tokens(checkpointing),
                             "on" if checkpointing else "off")
 
-    def _run_microbatches(self, adapter: _Adapter, data: list[TrainDatum], loss_fn: str,
-                          loss_fn_config: dict[str, float | str] | None, forward_only: bool,
-                          checkpointing: bool) -> ForwardBackwardResult:
-        outputs: list[dict[str, np.ndarray]] = []
-        metrics = {"loss:sum": 0.0}
+    def _run_microbatches(self, members: list[_Member], forward_only: bool,
+                          checkpointing: bool) -> list[ForwardBackwardResult]:
+        """The members' datums, laid end to end, in micro-batches; a micro-batch holding several members'
+        rows routes each row through its own adapter, and its loss is the sum of the members' losses."""
+        data = [d for m in members for d in m.data]
+        owner = [i for i, m in enumerate(members) for _ in m.data]
+        outputs: list[list[dict[str, np.ndarray]]] = [[] for _ in members]
+        metrics: list[dict[str, float]] = [{"loss:sum": 0.0} for _ in members]
         grad_mode = torch.no_grad() if forward_only else nullcontext()
+        routing = self._routing(members) if len(members) > 1 else None
         self._last_microbatches = []
-        with self._activated(adapter), grad_mode, self._checkpointing(checkpointing):
+        with (routing.active() if routing else self._activated(members[0].adapter)), grad_mode, \
+                self._checkpointing(checkpointing):
             start = 0
             while start < len(data):
                 batch = _next_microbatch(data, start, self.budget.tokens(checkpointing))
+                segments = segments_of(owner[start: start + len(batch)])
                 padded_tokens = len(batch) * max(len(d.tokens) for d in batch)
                 self.budget.start()  # reset the peak-memory counter
                 try:
-                    logprobs = self._target_logprobs([d.tokens for d in batch],
-                                                     [d.loss_fn_inputs["target_tokens"] for d in batch])
-                    total, scored = microbatch_loss(loss_fn, logprobs, batch, loss_fn_config, metrics)
+                    if routing:
+                        routing.segments = [Segment(members[s.owner].adapter.peft_name, s.start, s.stop)
+                                            for s in segments]
+                    inputs = ([d.tokens for d in batch], [d.loss_fn_inputs["target_tokens"] for d in batch])
+                    logprobs = self._target_logprobs(*inputs, routing) if routing else self._target_logprobs(*inputs)
+                    total = None
+                    for s in segments:
+                        member = members[s.owner]
+                        part, scored = microbatch_loss(member.loss_fn, logprobs[s.start: s.stop],
+                                                       batch[s.start: s.stop], member.loss_fn_config, metrics[s.owner])
+                        outputs[s.owner].extend(scored)
+                        metrics[s.owner]["loss:sum"] += float(part.detach())
+                        total = part if total is None else total + part
                     if not forward_only and total.requires_grad:
                         total.backward()  # per microbatch: activations are freed before the next
                 except torch.OutOfMemoryError as exc:
@@ -282,10 +377,13 @@ class HFTrainer:
                 if not forward_only:  # a forward pass alone keeps no activations: it says nothing about training
                     self.budget.observe(checkpointing, padded_tokens)
                 self._last_microbatches.append(padded_tokens)
-                outputs.extend(scored)
-                metrics["loss:sum"] += float(total.detach())
                 start += len(batch)
-        return ForwardBackwardResult(loss_fn_outputs=outputs, metrics=metrics)
+        return [ForwardBackwardResult(loss_fn_outputs=o, metrics=m) for o, m in zip(outputs, metrics)]
+
+    def _routing(self, members: list[_Member]) -> RowRouting:
+        """Per-row adapters for a joined pass; the split lm_head is routed per token chunk instead."""
+        head = self._hf.get_output_embeddings() if self._split_head else None
+        return RowRouting(self._peft, (p for m in members for p in m.adapter.params.values()), head)
 
     @contextmanager
     def _checkpointing(self, on: bool) -> Iterator[None]:
@@ -304,19 +402,19 @@ class HFTrainer:
             for layer in layers:
                 layer.training = False
 
-    def optim_step(self, model_id: str, params: AdamParams) -> dict[str, float]:
-        """AdamW on the accumulated gradients (clipped to `grad_clip_norm` if > 0), then zero them."""
+    def optim_step(self, model_id: str, params: AdamParams | DimuonParams) -> dict[str, float]:
+        """The adapter's optimizer on the accumulated gradients (clipped to `grad_clip_norm` if > 0), then
+        zero them. `params` must be of the family the model was created with (else a 4xx)."""
         with self._lock:
             adapter = self._get(model_id)
+            check_optim_params(adapter.spec.optimizer, params, model_id)
             tensors = list(adapter.params.values())
             for p in tensors:
                 if p.grad is None:  # no forward_backward since the last step: moments and decay still apply
                     p.grad = torch.zeros_like(p)
             limit = params.grad_clip_norm if params.grad_clip_norm > 0 else float("inf")
             norm = float(torch.nn.utils.clip_grad_norm_(tensors, limit))
-            for group in adapter.optimizer.param_groups:
-                group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2), eps=params.eps,
-                             weight_decay=params.weight_decay)
+            set_hyperparameters(adapter.optimizer, params)
             adapter.optimizer.step()
             adapter.optimizer.zero_grad(set_to_none=True)
             adapter.step += 1
@@ -342,23 +440,27 @@ class HFTrainer:
             self._write_peft(self._get(model_id), Path(directory))
 
     def save_state(self, model_id: str, directory: Path) -> None:
-        """The PEFT files plus `optimizer.pt` (AdamW moments by tensor name) and `tink_state.json`."""
+        """The PEFT files plus `optimizer.pt` (the optimizer's state by tensor name) and `tink_state.json`
+        (whose `lora_spec.optimizer` says which optimizer that state is for)."""
         with self._lock:
             adapter, directory = self._get(model_id), Path(directory)
             self._write_peft(adapter, directory)
             state = adapter.optimizer.state
             moments = {key: {k: v.detach().cpu().clone() for k, v in state[p].items()}
                        for key, p in adapter.params.items() if p in state}
-            torch.save({"step": adapter.step, "state": moments}, directory / "optimizer.pt")
+            torch.save({"step": adapter.step, "optimizer": adapter.spec.optimizer, "state": moments},
+                       directory / "optimizer.pt")
             (directory / "tink_state.json").write_text(json.dumps(
                 {"lora_spec": asdict(adapter.spec), "step": adapter.step, "engine": self.name,
                  "base_model": self.base_model}, indent=2))
 
     def load_state(self, model_id: str, directory: Path, with_optimizer: bool) -> None:
-        """Copy saved weights into the adapter; restore AdamW and the step count if asked, else reset them.
+        """Copy saved weights into the adapter; restore its optimizer and step count if asked, else reset them.
 
         Everything is checked before anything is copied, so a bad folder leaves the adapter as it was.
-        Pending gradients are dropped: they belong to the replaced weights.
+        Pending gradients are dropped: they belong to the replaced weights. A folder saved under another
+        LoRA scale (adapter_config.json's lora_alpha / r, e.g. a plain PEFT adapter) has its B factors
+        rescaled to this adapter's scale, so the loaded model computes what the folder's does.
         """
         from safetensors.torch import load_file
 
@@ -376,9 +478,17 @@ class HFTrainer:
                 if saved[key].shape != p.shape:
                     raise UserInputError(f"{directory}: {key} has shape {tuple(saved[key].shape)}, this model's "
                                          f"is {tuple(p.shape)} (a different LoRA rank?)", "path")
+            check_loadable_state(directory, adapter.spec.optimizer, with_optimizer)
             optimizer = _read_optimizer(directory) if with_optimizer else None
             if with_optimizer and optimizer is None:
-                log.warning("%s has no optimizer state; %s starts a fresh AdamW", directory, model_id)
+                log.warning("%s has no optimizer state; %s starts a fresh %s", directory, model_id,
+                            adapter.spec.optimizer)
+            factor = checkpoint_lora_scale(directory, adapter.spec.scale) / adapter.spec.scale
+            if factor != 1.0:
+                saved = {k: v * factor if ".lora_B." in k else v for k, v in saved.items()}
+                if optimizer:
+                    optimizer["state"] = {k: rescale_state(m, factor) if ".lora_B." in k else m
+                                          for k, m in optimizer["state"].items()}
             with torch.no_grad():
                 for key, p in adapter.params.items():
                     p.copy_(saved[key])
@@ -386,8 +496,10 @@ class HFTrainer:
             # Through torch's own loader, which puts each moment on its parameter's device and
             # keeps `step` where this AdamW's mode (foreach, fused, capturable) expects it.
             saved_state = (optimizer or {}).get("state", {})
+            key_of = {id(p): key for key, p in adapter.params.items()}
+            order = [key_of[id(p)] for group in adapter.optimizer.param_groups for p in group["params"]]
             state_dict = adapter.optimizer.state_dict()
-            state_dict["state"] = {i: saved_state[key] for i, key in enumerate(adapter.params) if key in saved_state}
+            state_dict["state"] = {i: saved_state[key] for i, key in enumerate(order) if key in saved_state}
             adapter.optimizer.load_state_dict(state_dict)
             adapter.step = int(optimizer["step"]) if optimizer else 0
 
@@ -436,8 +548,10 @@ class HFTrainer:
                 raise UserInputError(f"target token ids must be in [0, {self._vocab})",
                                      f"data[{i}].loss_fn_inputs.target_tokens")
 
-    def _target_logprobs(self, tokens: list[list[int]], targets: list[np.ndarray]) -> list[torch.Tensor]:
-        """fp32 log p(target) per datum, shaped like each `targets` entry ([T] or [T, K])."""
+    def _target_logprobs(self, tokens: list[list[int]], targets: list[np.ndarray],
+                         routing: RowRouting | None = None) -> list[torch.Tensor]:
+        """fp32 log p(target) per datum, shaped like each `targets` entry ([T] or [T, K]); with `routing`,
+        each row through the adapter its segment names."""
         lengths = torch.tensor([len(t) for t in tokens])
         # Right padding with id 0 needs no attention mask: causal attention never lets a real
         # position see the pads after it, and pad positions are dropped below.
@@ -446,20 +560,25 @@ class HFTrainer:
             ids[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
         real = (torch.arange(ids.shape[1])[None] < lengths[:, None]).to(self.device)
         ids = ids.to(self.device)
+        heads: list[tuple[int, int, Callable[[torch.Tensor], torch.Tensor]]]
         if self._split_head:
             features = self._hf.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[real]
-            head: Callable[[torch.Tensor], torch.Tensor] = self._hf.get_output_embeddings()
-        else:
-            features, head = self._hf(input_ids=ids, use_cache=False).logits[real], _identity
+            heads = (routing.token_heads(lengths.tolist()) if routing
+                     else [(0, features.shape[0], self._hf.get_output_embeddings())])
+        else:  # the whole model's logits: with routing, the hooks route lm_head's rows like the other layers'
+            features = self._hf(input_ids=ids, use_cache=False).logits[real]
+            heads = [(0, features.shape[0], _identity)]
         flat = torch.cat([torch.as_tensor(np.asarray(t), dtype=torch.long).reshape(len(t), -1) for t in targets])
         flat = flat.to(self.device)
         rows = max(1, LOGIT_CHUNK_ELEMENTS // self._vocab)
         parts = []
-        for start in range(0, features.shape[0], rows):
-            args = (head, features[start: start + rows], flat[start: start + rows])
-            # Under grad, recompute each chunk's logits in backward instead of keeping them.
-            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
-                         else _chunk_logprobs(*args))
+        for first, end, head in heads:  # chunks never span two adapters' tokens
+            for start in range(first, end, rows):
+                stop = min(start + rows, end)
+                args = (head, features[start: stop], flat[start: stop])
+                # Under grad, recompute each chunk's logits in backward instead of keeping them.
+                parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                             else _chunk_logprobs(*args))
         out = torch.cat(parts).split(lengths.tolist())
         return [lp.reshape(np.shape(t)) for lp, t in zip(out, targets)]
 
@@ -498,6 +617,11 @@ def _next_microbatch(data: list[TrainDatum], start: int, budget_tokens: int) -> 
             break
         batch.append(datum)
     return batch
+
+
+def _lora_pairs(params: dict[str, torch.nn.Parameter]) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """(A, B) of every adapted module, from PEFT file keys (`....lora_A.weight`, `....lora_B.weight`)."""
+    return [(p, params[key.replace(".lora_A.", ".lora_B.")]) for key, p in params.items() if ".lora_A." in key]
 
 
 def _take_grads(params) -> list[torch.Tensor | None]:

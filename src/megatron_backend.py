@@ -34,7 +34,15 @@ from typing import Any
 import numpy as np
 import requests
 
-from .backends import AdamParams, BackendError, ForwardBackwardResult, LoraSpec, TrainDatum, UserInputError
+from .backends import (
+    AdamParams,
+    BackendError,
+    DimuonParams,
+    ForwardBackwardResult,
+    LoraSpec,
+    TrainDatum,
+    UserInputError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +123,25 @@ def spec_to_json(spec: LoraSpec) -> dict[str, Any]:
 
 def spec_from_json(raw: dict[str, Any]) -> LoraSpec:
     return LoraSpec(**{k: v for k, v in raw.items() if k in LoraSpec.__dataclass_fields__})
+
+
+def params_to_json(params: AdamParams | DimuonParams) -> dict[str, Any]:
+    """A step's hyperparameters, tagged with their optimizer family as Tinker tags them (`type`)."""
+    return {"type": "dimuon" if isinstance(params, DimuonParams) else "adamw", **params.__dict__}
+
+
+def params_from_json(raw: Any) -> AdamParams | DimuonParams:
+    """Inverse of `params_to_json` (no `type`: AdamParams, as before the tag existed)."""
+    if not isinstance(raw, dict):
+        raise UserInputError("params must be an object of AdamParams or DimuonParams fields", "params")
+    kind = raw.get("type", "adamw")
+    cls = {"adamw": AdamParams, "dimuon": DimuonParams}.get(kind)
+    if cls is None:
+        raise UserInputError(f"params.type must be adamw or dimuon, got {kind!r}", "params.type")
+    try:
+        return cls(**{k: float(v) for k, v in raw.items() if k in cls.__dataclass_fields__})
+    except (TypeError, ValueError) as exc:
+        raise UserInputError(f"params: {exc}", "params") from None
 
 
 # ----------------------------------------------------------------------------- client
@@ -214,8 +241,8 @@ class MegatronTrainer:
         return ForwardBackwardResult(loss_fn_outputs=result["loss_fn_outputs"],
                                      metrics={k: float(v) for k, v in result["metrics"].items()})
 
-    def optim_step(self, model_id: str, params: AdamParams) -> dict[str, float]:
-        return self._call("optim_step", {"model_id": model_id, "params": dict(params.__dict__)})
+    def optim_step(self, model_id: str, params: AdamParams | DimuonParams) -> dict[str, float]:
+        return self._call("optim_step", {"model_id": model_id, "params": params_to_json(params)})
 
     def save_state(self, model_id: str, directory: Path) -> None:
         self._call("save_state", {"model_id": model_id, "directory": str(Path(directory).resolve())})

@@ -16,10 +16,14 @@ What it guarantees:
   plain PEFT folder (`q_proj`, `k_proj`, ... names) that PEFT and vLLM load unchanged, and PEFT
   adapters load back exactly. LoRA runs in fp32 and is added to the base output, as PEFT does.
 - Data parallel: a batch is split into contiguous slices per DP rank; gradients are summed over
-  DP at `optim_step` (the losses are sums over datums). Each adapter has its own AdamW over its
-  few LoRA tensors; Megatron's DistributedOptimizer is not used, since its buffers are fixed
-  when the model is wrapped and cannot take adapters created at run time, and sharding the
-  optimizer state of a LoRA adapter saves nothing worth the complexity.
+  DP at `optim_step` (the losses are sums over datums). Each adapter has its own optimizer over its
+  few LoRA tensors, AdamW or Dimuon as chosen at creation, built by `src/optimizers.py` exactly as
+  the HF trainer builds it (Dimuon's r×r Gram matrices are summed over the TP shards of a factor);
+  Megatron's DistributedOptimizer is not used, since its buffers are fixed when the model is
+  wrapped and cannot take adapters created at run time, and sharding the optimizer state of a
+  LoRA adapter saves nothing worth the complexity.
+- The LoRA scale is Tinker's (alpha 32 over the rank, `LoraSpec.scale`), as in the HF trainer and
+  in the exported adapter_config.json.
 - `device="cpu"` runs the real megatron-core code on CPU over gloo for tests, by pointing its
   "current CUDA device" at the CPU and skipping its CUDA RNG fork (dropout is 0). Not for training.
 """
@@ -39,7 +43,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .backends import AdamParams, ForwardBackwardResult, LoraSpec, TrainDatum, UserInputError
+from .backends import AdamParams, DimuonParams, ForwardBackwardResult, LoraSpec, TrainDatum, UserInputError
+from .optimizers import (
+    STATE_KEYS,
+    check_loadable_state,
+    check_optim_params,
+    checkpoint_lora_scale,
+    make_optimizer,
+    rescale_state,
+    set_hyperparameters,
+)
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +320,7 @@ class Adapter:
     scale: float
     # HF module name (e.g. model.layers.0.self_attn.q_proj) -> (A, B) local fp32 parameters
     params: dict[str, tuple[nn.Parameter, nn.Parameter]]
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.Optimizer  # AdamW or Dimuon, per spec.optimizer
     step: int = 0
 
 
@@ -447,9 +460,20 @@ class MegatronEngine:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
             a, b = self._local(t, a, torch.zeros(t.fan_out, spec.rank))
             params[name] = (nn.Parameter(a.contiguous().to(self.device)), nn.Parameter(b.contiguous().to(self.device)))
-        alpha = spec.alpha if spec.alpha is not None else spec.rank
-        flat = [t for pair in params.values() for t in pair]
-        self.adapters[model_id] = Adapter(spec, alpha / spec.rank, params, torch.optim.AdamW(flat, lr=0.0))
+        optimizer = make_optimizer(spec.optimizer, list(params.values()), spec, self._shard_reducers(params))
+        self.adapters[model_id] = Adapter(spec, spec.scale, params, optimizer)
+
+    def _shard_reducers(self, params: dict[str, tuple[nn.Parameter, nn.Parameter]]) -> dict:
+        """The TP-split factor of each pair (row-parallel: A, column-parallel: B) -> sum over TP ranks."""
+        if self.tp == 1:
+            return {}
+
+        def tp_sum(t: torch.Tensor) -> torch.Tensor:
+            t = t.clone()
+            dist.all_reduce(t, group=self.tp_group)
+            return t
+
+        return {(a if self.targets[name].row else b): tp_sum for name, (a, b) in params.items()}
 
     def delete_adapter(self, model_id: str) -> None:
         self._adapter(model_id)
@@ -582,8 +606,9 @@ class MegatronEngine:
             lp = self._target_logprobs([tokens[:-1]], [np.asarray(tokens[1:])])[0]
         return lp.cpu().numpy().astype(np.float32)
 
-    def optim_step(self, model_id: str, params: AdamParams) -> dict[str, float]:
+    def optim_step(self, model_id: str, params: AdamParams | DimuonParams) -> dict[str, float]:
         adapter = self._adapter(model_id)
+        check_optim_params(adapter.spec.optimizer, params, model_id)
         pairs = list(adapter.params.items())
         grads = []
         for _, pair in pairs:
@@ -602,9 +627,7 @@ class MegatronEngine:
         if params.grad_clip_norm > 0 and norm > params.grad_clip_norm:
             for g in grads:
                 g.mul_(params.grad_clip_norm / (norm + 1e-6))
-        for group in adapter.optimizer.param_groups:
-            group.update(lr=params.learning_rate, betas=(params.beta1, params.beta2), eps=params.eps,
-                         weight_decay=params.weight_decay)
+        set_hyperparameters(adapter.optimizer, params)
         adapter.optimizer.step()
         adapter.optimizer.zero_grad(set_to_none=True)
         adapter.step += 1
@@ -624,14 +647,15 @@ class MegatronEngine:
     # -- files (PEFT format; only rank 0 writes, every rank reads: a shared filesystem)
 
     def _full_tensors(self, adapter: Adapter, moments: bool = False) -> dict[str, torch.Tensor]:
-        """PEFT-named full tensors (gathered over TP): `...lora_A.weight` and, with moments, Adam's state."""
+        """PEFT-named full tensors (gathered over TP): `...lora_A.weight` and, with moments, the optimizer's
+        per-tensor state (`...lora_A.weight.exp_avg`, `.momentum_buffer`, ...), laid out like the weight."""
         out: dict[str, torch.Tensor] = {}
         for name, (a, b) in adapter.params.items():
             row = self.targets[name].row
             sources = {"": (a, b)}
             if moments:
                 state = adapter.optimizer.state
-                for key in ("exp_avg", "exp_avg_sq"):
+                for key in STATE_KEYS[adapter.spec.optimizer]:
                     if a in state and key in state[a]:
                         sources["." + key] = (state[a][key], state[b][key])
             for suffix, (ta, tb) in sources.items():
@@ -678,17 +702,22 @@ class MegatronEngine:
         weights_file = directory / "adapter_model.safetensors"
         if not weights_file.is_file():
             raise UserInputError(f"{directory} has no adapter_model.safetensors", "path")
+        check_loadable_state(directory, adapter.spec.optimizer, with_optimizer)
         saved = load_file(str(weights_file))
         if with_optimizer:
             saved.update(_read_moments(directory))
         state = json.loads((directory / "tink_state.json").read_text()) if (directory / "tink_state.json").is_file() else {}
         # PEFT files may name weights with or without the adapter name (`lora_A.default.weight`).
         saved = {k.replace(".default.weight", ".weight"): v for k, v in saved.items()}
+        # A folder trained under another LoRA scale: B (and its state) rescaled so the function is the folder's.
+        factor = checkpoint_lora_scale(directory, adapter.scale) / adapter.scale
+        if factor != 1.0:
+            saved = {k: _rescaled(k, v, factor) if ".lora_B." in k else v for k, v in saved.items()}
         adapter.optimizer.state.clear()  # a load starts from the file's optimizer state, or from none
         adapter.step = 0
         with torch.no_grad():
             for name, (a, b) in adapter.params.items():
-                for suffix in ("", ".exp_avg", ".exp_avg_sq"):
+                for suffix in ("", *(f".{key}" for key in STATE_KEYS[adapter.spec.optimizer])):
                     ka, kb = (f"base_model.model.{name}.lora_{x}.weight{suffix}" for x in "AB")
                     if ka not in saved or kb not in saved:
                         if suffix == "":
@@ -707,8 +736,9 @@ class MegatronEngine:
                     else:
                         for p, t in ((a, ta), (b, tb)):
                             st = adapter.optimizer.state[p]
-                            st[suffix[1:]] = t.to(self.device).clone()
-                            st["step"] = torch.tensor(float(state.get("step", 0)))
+                            st[suffix[1:]] = t.to(self.device, p.dtype).clone()
+                            if adapter.spec.optimizer == "adamw":
+                                st["step"] = torch.tensor(float(state.get("step", 0)))
                             adapter.step = int(state.get("step", 0))
 
 
@@ -732,16 +762,26 @@ def validate_batch(data: list[TrainDatum], loss_fn: str, config: dict[str, float
             raise UserInputError(f"target token ids must be in [0, {vocab})", f"data[{i}].loss_fn_inputs.target_tokens")
 
 
+def _rescaled(key: str, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """A saved B weight (`...lora_B.weight`) or its state (`...lora_B.weight.exp_avg`) under B -> factor·B."""
+    name, _, moment = key.rpartition(".")
+    if name.endswith(".weight"):  # a state tensor
+        return rescale_state({moment: tensor}, factor)[moment]
+    return tensor * factor
+
+
 def _read_moments(directory: Path) -> dict[str, torch.Tensor]:
-    """Adam moments as `<PEFT key>.exp_avg` / `.exp_avg_sq`: ours (safetensors) or the HF engine's `optimizer.pt`."""
+    """Optimizer state as `<PEFT key>.<name>` (`exp_avg`, `momentum_buffer`, ...): ours (safetensors) or the
+    HF engine's `optimizer.pt`."""
     from safetensors.torch import load_file
 
     if (directory / "optimizer.safetensors").is_file():
         return load_file(str(directory / "optimizer.safetensors"))
     if (directory / "optimizer.pt").is_file():  # tensors only: weights_only refuses arbitrary pickles
         saved = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        names = {name for keys in STATE_KEYS.values() for name in keys}
         return {f"{key}.{name}": t for key, moments in saved.get("state", {}).items()
-                for name, t in moments.items() if name in ("exp_avg", "exp_avg_sq")}
+                for name, t in moments.items() if name in names}
     return {}
 
 
@@ -752,7 +792,7 @@ def _write_peft(directory: Path, tensors: dict[str, torch.Tensor], spec: LoraSpe
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-              "r": spec.rank, "lora_alpha": spec.alpha if spec.alpha is not None else spec.rank,
+              "r": spec.rank, "lora_alpha": spec.lora_alpha,
               "lora_dropout": 0.0, "bias": "none", "target_modules": modules, "fan_in_fan_out": False,
               "inference_mode": True, "use_rslora": False, "use_dora": False}
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))

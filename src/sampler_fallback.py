@@ -61,6 +61,8 @@ class FallbackSampler:
         self._lock = threading.Lock()
         self._rejected: dict[str, str] = {}  # adapter name -> why the primary refused it
         self._served: dict[str, int] = {}  # sampler name -> operations it answered
+        self._switches = 0  # times the primary failed and sampling moved to the fallback
+        self._refusals = 0  # adapter requests the primary refused (each served by the fallback)
 
     @classmethod
     def start(cls, make_primary: Any, fallback: Sampler, retry_s: float = 30.0) -> FallbackSampler:
@@ -133,6 +135,11 @@ class FallbackSampler:
                 "primary_error": self._reason if down else self.start_error,
                 "adapters_on_fallback": len(rejected), "served": served, "primary_health": primary_health}
 
+    def events(self) -> dict[str, int]:
+        """Counts since start, for /metrics: switches to the fallback and adapter refusals."""
+        with self._lock:
+            return {"fallback_switches": self._switches, "adapter_refusals": self._refusals}
+
     def close(self) -> None:
         for sampler in (self.primary, self.fallback):
             if sampler is None:
@@ -180,6 +187,7 @@ class FallbackSampler:
     def _warn_rejected(self, exc: AdapterRejectedError) -> None:
         """Count the adapter version; log once per distinct cause (each saved version is a new name)."""
         with self._lock:
+            self._refusals += 1
             new_cause = exc.cause not in self._rejected.values() or exc.cause is None
             self._rejected[exc.adapter or str(exc)] = exc.cause or str(exc)
         if not new_cause:
@@ -191,6 +199,7 @@ class FallbackSampler:
         with self._lock:
             if self._down_since is None:
                 self._down_since = time.monotonic()
+                self._switches += 1
                 self._reason = str(exc)
                 log.warning("sampler %s failed (%s); sampling with %s until it answers again (retry every %.0f s)",
                             self.primary.name, exc, self.fallback.name, self.retry_s)

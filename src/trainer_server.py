@@ -35,8 +35,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .backends import AdamParams, ForwardBackwardResult, LoraSpec, UserInputError
-from .megatron_backend import decode, decode_data, encode, spec_from_json, spec_to_json
+from .backends import AdamParams, DimuonParams, ForwardBackwardResult, LoraSpec, UserInputError
+from .megatron_backend import decode, decode_data, encode, params_from_json, spec_from_json, spec_to_json
 
 log = logging.getLogger("tink.trainer_server")
 
@@ -76,13 +76,7 @@ def decode_args(op: str, payload: dict[str, Any]) -> dict[str, Any]:
     if "data" in args:
         args["data"] = decode_data(args["data"])
     if "params" in args:
-        if not isinstance(args["params"], dict):
-            raise UserInputError("params must be an object of AdamParams fields", "params")
-        try:
-            args["params"] = AdamParams(**{k: float(v) for k, v in args["params"].items()
-                                           if k in AdamParams.__dataclass_fields__})
-        except (TypeError, ValueError) as exc:
-            raise UserInputError(f"params: {exc}", "params") from None
+        args["params"] = params_from_json(args["params"])
     if "directory" in args:
         directory = args["directory"]
         if not isinstance(directory, str) or not os.path.isabs(directory):
@@ -426,7 +420,7 @@ class PeftDPEngine:
         outputs = [out for _, outs, _ in parts for out in outs]
         return ForwardBackwardResult(loss_fn_outputs=outputs, metrics=_merge_metrics([(n, m) for n, _, m in parts]))
 
-    def optim_step(self, model_id: str, params: AdamParams) -> dict[str, float]:
+    def optim_step(self, model_id: str, params: AdamParams | DimuonParams) -> dict[str, float]:
         import torch
         import torch.distributed as dist
 

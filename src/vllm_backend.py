@@ -30,6 +30,13 @@ instead of per-token adapter indices (vllm-project/vllm#51594, #29955), which si
 adapter's lm_head delta on GPU and kills the whole engine on CPU once two requests share a batch.
 Teacher forcing asks, for each prompt position t, one 1-token request on `prompt[:t]` with
 `logprob_token_ids=[prompt[t]]`: exact, correct per adapter, and cheap thanks to prefix caching.
+The SDK's other prompt options are teacher-forced the same way, in both modes (`prompt_queries`):
+`topk_prompt_logprobs=k` asks `logprobs=k` at each position, `target_prompt_logprobs` asks
+`logprob_token_ids` = the ids the client named, and `prompt_alt_tokens_k=k` asks `n=k` draws at the
+request's temperature (a seed distinct per position). `topk_sample_logprobs=k` is `logprobs=k` on the
+generation itself: the top-k of the processed distribution, like the sampled token's own logprob.
+vLLM 0.32 answers a batch that mixes `logprob_token_ids` with top-k requests wrongly, so the two kinds
+never reach the engine together (`src/logprob_gate.py`).
 
 Base-model requests on CPU. vLLM 0.32's CPU LoRA kernels (`lora/ops/torch_ops`) index the adapter
 slots with the no-LoRA marker -1, i.e. the *last* slot: a base-model request that shares a batch
@@ -40,6 +47,7 @@ go through a zero "identity" adapter (rank 1, B = 0), which costs one of the `ma
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -49,6 +57,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +72,11 @@ from .backends import (
     TokenSink,
     UserInputError,
 )
+from .logprob_gate import AsyncLogprobGate, request_kind
+from .logprob_options import MAX_TOPK_LOGPROBS, check_options
+from .prompt_scoring import alt_seed, assemble, first_scored_row, target_ids, target_rows, top_entries
+from .steering import LookInside
+from .steering_vllm import look_extra_args, request_cache_salt, unpack_captures
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +115,7 @@ def check_job(job: SampleJob, vocab_size: int) -> None:
     if bad:
         raise UserInputError(f"stop token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})",
                              "sampling_params.stop")
+    check_options(job, vocab_size)
 
 
 def check_tokens(tokens: Sequence[int], vocab_size: int, field: str = "prompt") -> None:
@@ -125,14 +140,15 @@ def check_adapter(ref: AdapterRef, max_lora_rank: int) -> None:
                              "model_path")
 
 
-def sampling_kwargs(p: SamplingParams, n: int) -> dict[str, Any]:
+def sampling_kwargs(p: SamplingParams, n: int, topk: int = 0) -> dict[str, Any]:
     """Tinker `SamplingParams` as vLLM `SamplingParams` keywords (also the OpenAI server's JSON fields).
 
-    `logprobs=0` asks for the sampled token's logprob only (not a top-k list); `ignore_eos` keeps
-    generating past EOS when the client sent `stop=[]`.
+    `logprobs=0` asks for the sampled token's logprob only, `logprobs=topk` also for the `topk` most
+    likely tokens (`topk_sample_logprobs`); `ignore_eos` keeps generating past EOS when the client
+    sent `stop=[]`.
     """
     kwargs: dict[str, Any] = dict(n=n, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-                                  top_k=p.top_k if p.top_k > 0 else -1, seed=p.seed, logprobs=0,
+                                  top_k=p.top_k if p.top_k > 0 else -1, seed=p.seed, logprobs=topk,
                                   stop_token_ids=list(p.stop_token_ids), ignore_eos=not p.stop_at_eos)
     if p.stop_strings:
         kwargs["stop"] = list(p.stop_strings)
@@ -142,6 +158,75 @@ def sampling_kwargs(p: SamplingParams, n: int) -> dict[str, Any]:
 def teacher_forced(prompt: Sequence[int]) -> list[tuple[list[int], int]]:
     """(context, target) pairs whose target logprobs are the prompt logprobs after the leading None."""
     return [(list(prompt[:t]), int(prompt[t])) for t in range(1, len(prompt))]
+
+
+@dataclass
+class PromptQuery:
+    """One teacher-forced 1-token request: `kwargs` on `prompt[:row + 1]` answers `kind` for prompt row `row`."""
+
+    kind: str  # "logprob" | "topk" | "target" | "alt"
+    row: int
+    kwargs: dict[str, Any]
+
+
+def prompt_queries(job: SampleJob) -> list[PromptQuery]:
+    """The requests that answer what `job` asks about its prompt, the longest context first: alone, it
+    fills the prefix cache that all the others then reuse (see `prompt_answers`)."""
+    prompt, rows, first = job.prompt, len(job.prompt) - 1, first_scored_row(job)
+    greedy: dict[str, Any] = dict(max_tokens=1, temperature=0.0)  # greedy rows report the raw logprobs
+    queries = []
+    if job.prompt_logprobs:
+        queries += [PromptQuery("logprob", r, dict(greedy, logprobs=1, logprob_token_ids=[int(prompt[r + 1])]))
+                    for r in range(first, rows)]
+    if job.topk_prompt_logprobs:
+        queries += [PromptQuery("topk", r, dict(greedy, logprobs=job.topk_prompt_logprobs))
+                    for r in range(first, rows)]
+    if job.target_prompt_logprobs is not None:
+        ids = target_ids(job)
+        queries += [PromptQuery("target", r, dict(greedy, logprobs=len(ids), logprob_token_ids=ids))
+                    for r in target_rows(job)]
+    if job.prompt_alt_tokens_k:
+        temperature = job.params.temperature
+        for r in range(rows):  # greedy: one draw, copied k times (vLLM refuses n > 1 without sampling)
+            draws = dict(greedy, logprobs=0) if temperature == 0 else dict(
+                max_tokens=1, temperature=temperature, n=job.prompt_alt_tokens_k, logprobs=0,
+                seed=alt_seed(job.params.seed, r))
+            queries.append(PromptQuery("alt", r, draws))
+    return sorted(queries, key=lambda q: -q.row)
+
+
+def grouped_answers(job: SampleJob, queries: list[PromptQuery],
+                    ask_many: Callable[[list[list[int]], PromptQuery], list[Any]], chunk: int = 64) -> list[Any]:
+    """Each query's answer, from one `ask_many(contexts, query)` call per group of queries with equal
+    parameters (at most `chunk` contexts a call): the HTTP samplers' way to send many prompts at once.
+    `ask_many` returns one answer per context, in order, as `prompt_answers` wants them."""
+    groups: dict[str, list[int]] = {}
+    for index, query in enumerate(queries):
+        groups.setdefault(json.dumps(query.kwargs, sort_keys=True), []).append(index)
+    answers: list[Any] = [None] * len(queries)
+    for members in groups.values():
+        for start in range(0, len(members), chunk):
+            part = members[start:start + chunk]
+            contexts = [list(job.prompt[:queries[i].row + 1]) for i in part]
+            for i, answer in zip(part, ask_many(contexts, queries[part[0]]), strict=True):
+                answers[i] = answer
+    return answers
+
+
+def prompt_answers(job: SampleJob, queries: list[PromptQuery], answers: Sequence[Any]) -> dict[str, Any]:
+    """`SampleResult` fields from each query's answer: a {token id: logprob} map of its one position, or
+    for "alt" the list of (token id, logprob) draws."""
+    logprobs, topk, targets, draws = {}, {}, {}, {}
+    for query, answer in zip(queries, answers):
+        if query.kind == "logprob":
+            logprobs[query.row] = answer[int(job.prompt[query.row + 1])]
+        elif query.kind == "topk":
+            topk[query.row] = top_entries(answer, job.topk_prompt_logprobs)
+        elif query.kind == "target":
+            targets[query.row] = answer
+        else:
+            draws[query.row] = answer if len(answer) == job.prompt_alt_tokens_k else answer * job.prompt_alt_tokens_k
+    return assemble(job, logprobs, topk, targets, draws)
 
 
 def stop_reason(finish_reason: str | None) -> str:
@@ -198,6 +283,7 @@ class VLLMEngineSampler:
                     dtype="float32" if dtype == "auto" and on_cpu else dtype)
         if max_model_len:
             args["max_model_len"] = max_model_len
+        args["max_logprobs"] = MAX_TOPK_LOGPROBS  # the widest top-k Tink may ask; each request asks its own
         if enable_lora:
             args.update(enable_lora=True, max_loras=max_loras, max_lora_rank=self.max_lora_rank,
                         max_cpu_loras=self.max_cpu_loras)
@@ -207,6 +293,7 @@ class VLLMEngineSampler:
         self._loading: dict[str, asyncio.Future] = {}
         self._in_flight: dict[str, int] = {}
         self._ids = itertools.count(1)
+        self._gate = AsyncLogprobGate()  # ids and top-k requests never share a batch
         # Sampling operations inside the engine now, and the most at once: the engine batches only what
         # reaches it, so a peak far below a step's prompt count means something upstream serialises.
         self.operations_in_flight = 0
@@ -247,7 +334,9 @@ class VLLMEngineSampler:
         check_tokens(tokens, self.vocab_size, "tokens")
         if adapter is not None:
             check_adapter(adapter, self.max_lora_rank)
-        return self._run(self._with_adapter(adapter, lambda lora: self._prompt_logprobs(tokens, lora)))
+        job = SampleJob(tokens, 1, SamplingParams(), adapter, prompt_logprobs=True)
+        answers = self._run(self._with_adapter(adapter, lambda lora: self._prompt_answers(job, lora)))
+        return answers["prompt_logprobs"]
 
     def health(self) -> dict[str, object]:
         engine = getattr(self, "_engine", None)
@@ -326,20 +415,46 @@ class VLLMEngineSampler:
             self.operations_in_flight -= 1
 
     async def _sample_in_engine(self, job: SampleJob, sink: TokenSink | None) -> SampleResult:
-        kwargs = sampling_kwargs(job.params, job.num_samples)
+        kwargs = sampling_kwargs(job.params, job.num_samples, job.topk_sample_logprobs)
         copies = 1
         if job.params.temperature == 0:  # vLLM refuses n > 1 with greedy sampling: the copies are identical
             kwargs["n"], copies = 1, job.num_samples
         on_output = None if sink is None else _stream_deltas(sink, copies)
+        look_id = None
+        if job.look is not None:  # capture / steering: src/steering_vllm.py
+            look_id = f"tink-look-{next(_REQUEST_IDS)}"
+            kwargs["extra_args"] = look_extra_args(job.look, look_id, kwargs["n"])
 
         async def run(lora: Any) -> SampleResult:
             generation = self._generate(job.prompt, kwargs, lora, on_output)
-            if not job.prompt_logprobs:
-                return _result(await generation, None, copies)
-            out, prompt_lps = await asyncio.gather(generation, self._prompt_logprobs(job.prompt, lora))
-            return _result(out, prompt_lps, copies)
+            if not job.scores_prompt:
+                result = _result(await generation, {}, copies, job.topk_sample_logprobs)
+            else:
+                out, answers = await asyncio.gather(generation, self._prompt_answers(job, lora))
+                result = _result(out, answers, copies, job.topk_sample_logprobs)
+            if look_id is not None:
+                await self._take_captures(look_id, result, copies)
+            return result
 
-        return await self._with_adapter(job.adapter, run)
+        try:
+            return await self._with_adapter(job.adapter, run)
+        except BaseException:
+            if look_id is not None:  # free what the engine holds for it
+                await self._engine.collective_rpc("tink_take_captures", args=(look_id, []))
+            raise
+
+    @property
+    def looks_inside(self) -> bool:
+        """Capture and steering run as forward hooks, which a CUDA graph would skip: eager engines only."""
+        return bool(self._args.enforce_eager)
+
+    async def _take_captures(self, look_id: str, result: SampleResult, copies: int) -> None:
+        """Fetch (and free) the request's captured values from the engine's worker (rank 0) into `result`."""
+        samples = result.sequences[::copies]
+        packed = (await self._engine.collective_rpc("tink_take_captures",
+                                                    args=(look_id, [len(s.tokens) for s in samples])))[0]
+        for index, seq in enumerate(result.sequences):
+            seq.captures = unpack_captures(packed[index // copies])
 
     async def _with_adapter(self, ref: AdapterRef | None, body: Callable[[Any], Awaitable[Any]]) -> Any:
         """Run `body(lora_request)` with `ref` registered and protected from eviction meanwhile."""
@@ -421,12 +536,17 @@ class VLLMEngineSampler:
             params = VSamplingParams(output_kind=kind, detokenize=bool(kwargs.get("stop")),  # text only for stop
                                      **kwargs)
             latest: dict[int, Any] = {}  # streaming with n > 1: an output carries only the samples that moved
-            async for out in self._engine.generate(TokensPrompt(prompt_token_ids=prompt), params,
-                                                   request_id=f"tink-{next(_REQUEST_IDS)}", lora_request=lora):
-                final = out
-                if on_output is not None:
-                    on_output(out)
-                    latest.update((completion.index, completion) for completion in out.outputs)
+            async with self._gate.admit(request_kind(kwargs)):
+                tokens = TokensPrompt(prompt_token_ids=prompt)
+                salt = request_cache_salt(kwargs)
+                if salt is not None:  # steered KV blocks are never shared with other requests
+                    tokens["cache_salt"] = salt
+                async for out in self._engine.generate(tokens, params,
+                                                       request_id=f"tink-{next(_REQUEST_IDS)}", lora_request=lora):
+                    final = out
+                    if on_output is not None:
+                        on_output(out)
+                        latest.update((completion.index, completion) for completion in out.outputs)
             if final is not None and latest:
                 final.outputs = [latest[index] for index in sorted(latest)]
         except (VLLMValidationError, ValueError) as exc:
@@ -441,23 +561,34 @@ class VLLMEngineSampler:
             raise BackendError("vllm sampler: the engine returned no output; it may be shutting down")
         return final
 
-    async def _prompt_logprobs(self, prompt: list[int], lora: Any) -> list[float | None]:
-        if self.prompt_logprobs_mode == "native":
-            out = await self._generate(prompt, dict(max_tokens=1, temperature=0.0, prompt_logprobs=0), lora)
-            return [None] + [_picked(d, t) for d, t in zip(out.prompt_logprobs[1:], prompt[1:])]
-        pairs = teacher_forced(prompt)
-        if not pairs:
-            return [None]
+    async def _prompt_answers(self, job: SampleJob, lora: Any) -> dict[str, Any]:
+        """What `job` asks about its prompt, as `SampleResult` fields (see "Logprobs" above)."""
+        native = self.prompt_logprobs_mode == "native" and job.prompt_logprobs
+        forced = dataclasses.replace(job, prompt_logprobs=False) if native else job
+        queries = prompt_queries(forced)
 
-        async def score(context: list[int], target: int) -> float:
-            out = await self._generate(context, dict(max_tokens=1, temperature=0.0, logprobs=1,
-                                                     logprob_token_ids=[target]), lora)
-            return _picked(out.outputs[0].logprobs[0], target)
+        steer = None  # prompt answers of a steered job come from the steered model, as on the HF sampler
+        if job.look is not None and job.look.steer:
+            steer = look_extra_args(LookInside((), job.look.steer), f"tink-look-{next(_REQUEST_IDS)}", 1)
 
-        # The longest context first, alone: it fills the prefix cache that all the others then reuse.
-        last = await score(*pairs[-1])
-        rest = await asyncio.gather(*(score(c, t) for c, t in pairs[:-1]))
-        return [None, *rest, last]
+        async def ask(query: PromptQuery) -> Any:
+            kwargs = query.kwargs if steer is None else {**query.kwargs, "extra_args": steer}
+            out = await self._generate(job.prompt[:query.row + 1], kwargs, lora)
+            if query.kind == "alt":
+                return [(int(c.token_ids[0]), _picked(c.logprobs[0], c.token_ids[0]))
+                        for c in sorted(out.outputs, key=lambda c: c.index)]
+            return {int(t): float(lp.logprob) for t, lp in out.outputs[0].logprobs[0].items()}
+
+        answers = [await ask(queries[0])] if queries else []  # the longest context alone, first
+        answers += await asyncio.gather(*(ask(q) for q in queries[1:]))
+        fields = prompt_answers(forced, queries, answers)
+        if native:
+            prompt = job.prompt
+            native_kwargs = dict(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+            out = await self._generate(prompt, native_kwargs if steer is None else {**native_kwargs, "extra_args": steer},
+                                       lora)
+            fields["prompt_logprobs"] = [None] + [_picked(d, t) for d, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+        return fields
 
 
 _REQUEST_IDS = itertools.count()
@@ -510,12 +641,16 @@ def _picked(position: Any, token: int) -> float:
     return float(position[token].logprob)
 
 
-def _result(out: Any, prompt_logprobs: list[float | None] | None, copies: int = 1) -> SampleResult:
+def _result(out: Any, prompt_fields: dict[str, Any], copies: int = 1, topk: int = 0) -> SampleResult:
     sequences = []
     for completion in sorted(out.outputs, key=lambda c: c.index):
         tokens = list(completion.token_ids)
-        logprobs = [_picked(position, token) for position, token in zip(completion.logprobs or [], tokens)]
+        positions = completion.logprobs or []
+        logprobs = [_picked(position, token) for position, token in zip(positions, tokens)]
+        top = ([top_entries({int(t): float(lp.logprob) for t, lp in position.items()}, topk) for position in positions]
+               if topk else None)
         for _ in range(copies):
             sequences.append(SampledSequence(tokens=list(tokens), logprobs=list(logprobs),
-                                             stop_reason=stop_reason(completion.finish_reason)))
-    return SampleResult(sequences=sequences, prompt_logprobs=prompt_logprobs)
+                                             stop_reason=stop_reason(completion.finish_reason),
+                                             topk_logprobs=[list(row) for row in top] if top is not None else None))
+    return SampleResult(sequences=sequences, **prompt_fields)

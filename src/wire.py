@@ -26,6 +26,7 @@ from .backends import (
     TrainDatum,
     UserInputError,
 )
+from .logprob_options import decode_options, encode_options, response_options_json, sequence_options_json
 
 PROTO_CONTENT_TYPE = "application/x-protobuf"
 FWD_BWD_KIND = "proto:ForwardBackwardOutput"
@@ -53,6 +54,26 @@ def parse_json(model: type[M], body: Any, prefix: str = "") -> M:
         first = exc.errors()[0]
         field = _field_name(first["loc"], body, prefix)
         raise UserInputError(f"{field}: {first['msg']}", field) from None
+
+
+class CancelFutureRequest(pydantic.BaseModel):
+    """`cancel_future`'s body; the SDK sends it untyped (`{"request_id": ...}`), so it is declared here."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    request_id: str
+
+
+class FinishReason(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    type: sdk.ClientSessionFinishReasonType  # success | errored | interrupted
+
+
+class FinishSessionRequest(pydantic.BaseModel):
+    """`sessions/<id>/finish`'s body as `ServiceClient.close(status, detail)` sends it (untyped in the SDK)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    reason: FinishReason
+    detail: str | None = None
 
 
 def _field_name(loc: tuple[int | str, ...], body: Any, prefix: str) -> str:
@@ -256,15 +277,6 @@ def sample_job_from_request(req: sdk.SampleRequest) -> SampleJob:
         raise UserInputError("prompt must contain at least one token", "prompt")
     if req.num_samples < 1:
         raise UserInputError("num_samples must be >= 1", "num_samples")
-    unsupported = {
-        "topk_prompt_logprobs": req.topk_prompt_logprobs,
-        "topk_sample_logprobs": req.topk_sample_logprobs,
-        "prompt_alt_tokens_k": req.prompt_alt_tokens_k,
-        "target_prompt_logprobs": req.target_prompt_logprobs,
-    }
-    for field, value in unsupported.items():
-        if value:
-            raise UserInputError(f"{field} is not supported by this worker yet", field)
     last_n = req.prompt_logprobs_last_n
     if last_n is not None:
         if not req.prompt_logprobs:
@@ -279,10 +291,11 @@ def sample_job_from_request(req: sdk.SampleRequest) -> SampleJob:
         params=sampling_params_from_sdk(req.sampling_params),
         prompt_logprobs=bool(req.prompt_logprobs),
         prompt_logprobs_last_n=last_n,
+        **decode_options(req, prompt),  # topk_*, target_prompt_logprobs, prompt_alt_tokens_k
     )
 
 
-def encode_sample_response(result: SampleResult) -> bytes:
+def encode_sample_response(result: SampleResult, job: SampleJob | None = None) -> bytes:
     msg = pb.SampleResponse()
     for seq in result.sequences:
         s = msg.sequences.add()
@@ -292,6 +305,7 @@ def encode_sample_response(result: SampleResult) -> bytes:
     if result.prompt_logprobs is not None:
         values = [np.nan if v is None else v for v in result.prompt_logprobs]
         msg.prompt_logprobs = np.asarray(values, dtype=np.float32).tobytes()
+    encode_options(msg, job, result)
     return msg.SerializeToString()
 
 
@@ -324,9 +338,11 @@ def proto_result_to_json(kind: str, blob: bytes) -> dict[str, Any]:
         return {
             "type": "sample",
             "sequences": [
-                {"tokens": list(map(int, s.tokens)), "logprobs": s.logprobs, "stop_reason": s.stop_reason}
+                {"tokens": list(map(int, s.tokens)), "logprobs": s.logprobs, "stop_reason": s.stop_reason,
+                 **sequence_options_json(s)}
                 for s in resp.sequences
             ],
             "prompt_logprobs": resp.prompt_logprobs,
+            **response_options_json(resp),
         }
     raise ValueError(f"unknown result kind {kind}")

@@ -26,6 +26,8 @@ from .auth import Caller
 from .backends import (
     AdamParams,
     AdapterRef,
+    DimuonParams,
+    ForwardBackwardResult,
     LoraSpec,
     SampleJob,
     Sampler,
@@ -34,11 +36,27 @@ from .backends import (
     Trainer,
     UserInputError,
 )
-from .checkpoints import TinkerPath, check_name, directory_for, write_atomically
+from .checkpoints import (
+    ExpirySweeper,
+    TinkerPath,
+    check_name,
+    clear_leftovers,
+    directory_for,
+    expiry_for,
+    is_expired,
+    remove_checkpoint,
+    write_atomically,
+)
 from .config import EMBEDDED_MODEL, Config
 from .evaluation import perplexity
+from .logprob_options import apply_last_n, check_options
 from .losses import LOSS_FUNCTIONS, validate_inputs
-from .scheduling import Outcome, Scheduler
+from .metrics import WorkerMetrics
+from .multi_adapter import PassJoiner, joins_passes
+from .optimizers import check_optim_params, optimizer_config
+from .run_metrics import RunMetrics
+from .scheduling import Joinable, Outcome, Scheduler
+from .steering import look_sampler
 from .store import Store
 from .wire import (
     FWD_BWD_KIND,
@@ -72,6 +90,7 @@ class TrainerUnavailableError(Exception):
 
 
 TRAINER_HEALTH_TTL_S = 1.0
+SAMPLER_CLONE_SEQ_BLOCK = 1_000_000_000  # the SDK's seq ids of clone k start at k * this
 AUTOSAVE_NAME = "autosave"  # the training checkpoint a graceful shutdown writes for every live model  # how long one trainer health probe is trusted
 
 
@@ -98,12 +117,24 @@ class Worker:
         self.sampler = sampler
         self.store = store
         self.base_model = trainer.base_model
-        self.scheduler = Scheduler(store, config.sampling_concurrency)
+        self.prometheus = WorkerMetrics()  # this worker's own Prometheus registry (GET /metrics)
+        self.scheduler = Scheduler(store, config.sampling_concurrency, observer=self.prometheus)
+        self.prometheus.watch(self)
+        self.run_metrics = RunMetrics(store)  # the dashboard's per-step series
+        self.joiner = (PassJoiner(lambda: self.trainer, self._ensure_adapter, config.batch_adapters_max_models,
+                                  config.batch_adapters_max_tokens)
+                       if config.batch_adapters and joins_passes(trainer) else None)
         self._restore_lock = threading.Lock()
         self._trainer_health: tuple[float, dict[str, Any]] = (-1e9, {})
         failed = store.fail_unfinished()
         if failed:
             log.warning("%d operations were unfinished at the last shutdown; they are now failed", failed)
+        # Before serving: half-written or half-removed folders of a previous process, then what
+        # expired while the worker was down; afterwards the sweeper's timer removes expired ones.
+        clear_leftovers(config.checkpoint_dir)
+        self.remove_expired_checkpoints()
+        self._expiry_sweeper = ExpirySweeper(self.remove_expired_checkpoints, config.checkpoint_sweep_s)
+        self._expiry_sweeper.start()
 
     @classmethod
     def from_config(cls, config: Config) -> Worker:
@@ -117,6 +148,7 @@ class Worker:
     def close(self) -> None:
         """Finish queued work within the configured grace period, save every live adapter, then
         release the backends."""
+        self._expiry_sweeper.stop()
         self.scheduler.shutdown(self.config.shutdown_grace_s)
         self._autosave()
         self.sampler.close()
@@ -201,15 +233,18 @@ class Worker:
                 f"the {self.trainer.name} trainer is down ({health.get('error', 'no reason given')}); "
                 "training operations are refused until it is back, sampling still works")
 
-    def _submit_training(self, op_name: str, model_id: str, owner: str, operation) -> str:
+    def _submit_training(self, op_name: str, model_id: str, owner: str, operation,
+                         joinable: Joinable | None = None) -> str:
         """Queue a training operation, unless the trainer is known to be down (then HTTP 503)."""
         self._require_trainer()
-        return self.scheduler.submit_training(op_name, model_id, owner, operation)
+        return self.scheduler.submit_training(op_name, model_id, owner, operation, joinable)
 
-    def model_record(self, caller: Caller, model_id: str, field: str = "model_id") -> dict[str, Any]:
-        """The model's record if it exists, is loaded and belongs to `caller`; else a 404."""
+    def model_record(self, caller: Caller, model_id: str, field: str = "model_id",
+                     loaded: bool = True) -> dict[str, Any]:
+        """The model's record if it exists, belongs to `caller` and (unless `loaded` is False: run info)
+        is loaded; else a 404."""
         record = self.store.get_model(model_id) if isinstance(model_id, str) else None
-        if record is None or record["unloaded"] or not caller.may_see(record["owner"]):
+        if record is None or (loaded and record["unloaded"]) or not caller.may_see(record["owner"]):
             raise NotFoundError(f"unknown model_id {model_id!r}", field)
         return record
 
@@ -222,6 +257,7 @@ class Worker:
             "is_lora": True,
             "lora_rank": record["lora"]["rank"],
             "model_name": record["base_model"],
+            "optimizer_config": optimizer_config(record["lora"].get("optimizer", "adamw")),
         }
 
     # ------------------------------------------------------------------ training operations
@@ -262,15 +298,23 @@ class Worker:
         self.model_record(caller, call.model_id)
         self._validate_batch(call)
 
-        def run() -> Outcome:
-            self._ensure_adapter(call.model_id)
-            result = self.trainer.forward_backward(
-                call.model_id, call.data, call.loss_fn, call.loss_fn_config, call.forward_only
-            )
+        def finish(result: ForwardBackwardResult) -> Outcome:
+            if not call.forward_only:
+                self.run_metrics.forward_backward(call.model_id, call.data, result.metrics)
+                self.prometheus.trained(sum(len(datum.tokens) for datum in call.data))
             return Outcome(FWD_BWD_KIND, encode_forward_backward_output(result))
 
+        def run() -> Outcome:
+            self._ensure_adapter(call.model_id)
+            return finish(self.trainer.forward_backward(
+                call.model_id, call.data, call.loss_fn, call.loss_fn_config, call.forward_only
+            ))
+
         op = "forward" if call.forward_only else "forward_backward"
-        return self._submit_training(op, call.model_id, caller.owner, run)
+        # With TINK_BATCH_ADAPTERS, other models' waiting requests may share this one's pass.
+        joinable = None if self.joiner is None else self.joiner.joinable(
+            op, call.model_id, call.data, call.loss_fn, call.loss_fn_config, call.forward_only, finish)
+        return self._submit_training(op, call.model_id, caller.owner, run, joinable)
 
     def _validate_batch(self, call: ForwardBackwardCall) -> None:
         if call.loss_fn not in LOSS_FUNCTIONS:
@@ -305,51 +349,55 @@ class Worker:
                 raise UserInputError(f"target token ids must be in [0, {vocab})",
                                      f"data[{i}].loss_fn_inputs.target_tokens")
 
-    def optim_step(self, caller: Caller, model_id: str, params: AdamParams) -> str:
-        self.model_record(caller, model_id)
-        for name in ("learning_rate", "eps", "weight_decay", "grad_clip_norm"):
-            if getattr(params, name) < 0:
-                raise UserInputError(f"{name} must be >= 0", f"adam_params.{name}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(params, name) < 1:
-                raise UserInputError(f"{name} must be in [0, 1)", f"adam_params.{name}")
+    def optim_step(self, caller: Caller, model_id: str, params: AdamParams | DimuonParams) -> str:
+        record = self.model_record(caller, model_id)
+        # The params must be of the optimizer family the model was created with (fixed, as in Tinker).
+        check_optim_params(record["lora"].get("optimizer", "adamw"), params, model_id)
 
         def run() -> Outcome:
             self._ensure_adapter(model_id)
             metrics = self.trainer.optim_step(model_id, params)
+            self.run_metrics.optim_step(model_id, params.learning_rate, metrics)
             return _json({"type": "optim_step", "metrics": metrics})
 
         return self._submit_training("optim_step", model_id, caller.owner, run)
 
     def save_weights(
-        self, caller: Caller, model_id: str, name: str | None, overwrite: bool, user_metadata: Any
+        self, caller: Caller, model_id: str, name: str | None, overwrite: bool, user_metadata: Any,
+        ttl_seconds: int | None = None,
     ) -> str:
         self.model_record(caller, model_id)
         path = TinkerPath(model_id, "training", check_name(name or f"state-{uuid.uuid4().hex[:8]}"))
+        expiry_for(ttl_seconds)
 
         def run() -> Outcome:
             self._ensure_adapter(model_id)
-            self._write_checkpoint(path, lambda d: self.trainer.save_state(model_id, d), overwrite, user_metadata)
+            self._write_checkpoint(path, lambda d: self.trainer.save_state(model_id, d), overwrite, user_metadata,
+                                   ttl_seconds)
             return _json({"type": "save_weights", "path": str(path)})
 
         return self._submit_training("save_weights", model_id, caller.owner, run)
 
-    def save_weights_for_sampler(self, caller: Caller, model_id: str, name: str | None, user_metadata: Any) -> str:
+    def save_weights_for_sampler(self, caller: Caller, model_id: str, name: str | None, user_metadata: Any,
+                                 ttl_seconds: int | None = None) -> str:
         """Export the adapter for sampling. Without a name, also open a sampling session on it."""
         record = self.model_record(caller, model_id)
         ephemeral = name is None
         path = TinkerPath(model_id, "sampler", check_name(name or f"sampler-{uuid.uuid4().hex[:12]}"))
+        expiry_for(ttl_seconds)
 
         def run() -> Outcome:
             self._ensure_adapter(model_id)
-            self._write_checkpoint(path, lambda d: self.trainer.export_adapter(model_id, d), True, user_metadata)
+            self._write_checkpoint(path, lambda d: self.trainer.export_adapter(model_id, d), True, user_metadata,
+                                   ttl_seconds)
             push = getattr(self.sampler, "sync_adapter", None)
             if push is not None:  # TRL mode: the server holds one policy, so push the new weights now
                 push(_adapter_ref(self.store.get_checkpoint(str(path))), self.base_model)
             answer: dict[str, Any] = {"type": "save_weights_for_sampler", "path": str(path)}
             if ephemeral:
                 session = f"ss-{uuid.uuid4().hex}"
-                self.store.add_sampling_session(session, record["owner"], record["base_model"], str(path))
+                self.store.add_sampling_session(session, record["owner"], record["base_model"], str(path),
+                                                record["session_id"])
                 answer["sampling_session_id"] = session
             return _json(answer)
 
@@ -368,15 +416,19 @@ class Worker:
 
     def create_model_from_state(
         self, caller: Caller, session_id: str | None, model_seq_id: int, path: str, with_optimizer: bool,
-        user_metadata: Any,
+        user_metadata: Any, optimizer: str | None = None,
     ) -> tuple[str, str]:
-        """`create_training_client_from_state`: a new model whose first operation is a load."""
+        """`create_training_client_from_state`: a new model whose first operation is a load. With the
+        optimizer state it keeps the checkpoint's optimizer; weights only, it gets `optimizer` (AdamW
+        unless given), as the SDK's LoadWeightsRequest.optimizer_config says."""
         source = self._checkpoint_dir(caller, path, "path")
         state = json.loads((source / "tink_state.json").read_text()) if (source / "tink_state.json").exists() else {}
         spec_fields = state.get("lora_spec") or {}
         if not spec_fields:
             adapter_config = json.loads((source / "adapter_config.json").read_text())
             spec_fields = {"rank": int(adapter_config["r"])}
+        if not with_optimizer:
+            spec_fields = {**spec_fields, "optimizer": optimizer or "adamw"}
         spec = LoraSpec(**{k: v for k, v in spec_fields.items() if k in LoraSpec.__dataclass_fields__})
         request_id, model_id = self.create_model(
             caller, session_id, model_seq_id, self.base_model, spec, user_metadata)
@@ -398,20 +450,90 @@ class Worker:
 
         return self._submit_training("unload_model", model_id, caller.owner, run)
 
-    def _write_checkpoint(self, path: TinkerPath, write, overwrite: bool, user_metadata: Any) -> None:
+    def release_session_models(self, caller: Caller, session_id: str) -> list[str]:
+        """Unload the live models a closed session opened (`tinker checkpoint download` opens one per
+        download and closes its session): queued after their pending operations; request ids returned."""
+        model_ids, _ = self.store.session_members(session_id, caller.owner)
+        live = {record["model_id"] for record in self.store.list_models(caller.owner)}
+        return [self.unload_model(caller, model_id) for model_id in model_ids if model_id in live]
+
+    def save_weights_external(self, caller: Caller, model_id: str, name: str, ttl_seconds: int | None) -> str:
+        """Export the adapter as `tinker://<model_id>/external_weights/<name>`: the PEFT files that
+        `external_weights_urls` hands out as download links (`tinker checkpoint download`)."""
+        self.model_record(caller, model_id)
+        path = TinkerPath(model_id, "external", check_name(name))
+        expiry_for(ttl_seconds)
+
+        def run() -> Outcome:
+            self._ensure_adapter(model_id)
+            size = self._write_checkpoint(path, lambda d: self.trainer.export_adapter(model_id, d), True, None,
+                                          ttl_seconds)
+            return _json({"type": "save_weights_external", "path": str(path), "size_bytes": size})
+
+        return self._submit_training("save_weights_external", model_id, caller.owner, run)
+
+    def _write_checkpoint(self, path: TinkerPath, write, overwrite: bool, user_metadata: Any,
+                          ttl_seconds: int | None = None) -> int:
         target = directory_for(self.config.checkpoint_dir, path)
         size = write_atomically(target, write, overwrite)
-        self.store.put_checkpoint(str(path), path.model_id, path.kind, target, size, user_metadata)
+        self.store.put_checkpoint(str(path), path.model_id, path.kind, target, size, user_metadata,
+                                  expiry_for(ttl_seconds))
+        return size
 
-    def checkpoint_record(self, caller: Caller, path: str, field: str) -> dict[str, Any]:
-        """A checkpoint of one of the caller's models (owned through its model), or a 404."""
+    def checkpoint_record(self, caller: Caller, path: str, field: str, change: bool = False) -> dict[str, Any]:
+        """A live checkpoint the caller may read (its own, or one another key published) or, with
+        `change`, may change (its own); else a 404, as if it did not exist."""
         parsed = TinkerPath.parse(path, field)
         record = self.store.get_checkpoint(str(parsed))
         model = self.store.get_model(parsed.model_id)
-        if record is None or model is None or not caller.may_see(model["owner"]) \
-                or not Path(record["directory"]).is_dir():
+        allowed = record is not None and model is not None and (
+            caller.may_see(model["owner"]) if change else caller.may_read(model["owner"], bool(record["public"])))
+        if not allowed or is_expired(record) or not Path(record["directory"]).is_dir():
             raise NotFoundError(f"no checkpoint at {path!r}", field)
         return record
+
+    # ------------------------------------------------------------------ checkpoint management
+
+    def delete_checkpoint(self, caller: Caller, path: str) -> None:
+        """Remove one of the caller's checkpoints: files and record; loading or sampling it is a 404 after."""
+        self._remove_checkpoint(self.checkpoint_record(caller, path, "checkpoint_id", change=True))
+
+    def set_checkpoint_public(self, caller: Caller, path: str, public: bool) -> None:
+        """Publish (every key may read it) or unpublish one of the caller's checkpoints; idempotent."""
+        record = self.checkpoint_record(caller, path, "checkpoint_id", change=True)
+        self.store.set_checkpoint_public(record["tinker_path"], public)
+
+    def set_checkpoint_ttl(self, caller: Caller, path: str, ttl_seconds: int | None) -> None:
+        """Expire one of the caller's checkpoints `ttl_seconds` from now; None: never."""
+        expires_at = expiry_for(ttl_seconds)
+        record = self.checkpoint_record(caller, path, "checkpoint_id", change=True)
+        self.store.set_checkpoint_expiry(record["tinker_path"], expires_at)
+
+    def weights_info(self, caller: Caller, path: str) -> dict[str, Any]:
+        """The SDK's `WeightsInfoResponse` for a checkpoint the caller may read."""
+        record = self.checkpoint_record(caller, path, "tinker_path")
+        model = self.store.get_model(record["model_id"]) or {}
+        lora = model.get("lora", {})
+        return {"base_model": model.get("base_model", self.base_model),
+                "optimizer_config": optimizer_config(lora.get("optimizer", "adamw")), "is_lora": True,
+                "lora_rank": lora.get("rank"), "train_unembed": lora.get("train_unembed"),
+                "train_mlp": lora.get("train_mlp"), "train_attn": lora.get("train_attn")}
+
+    def remove_expired_checkpoints(self) -> int:
+        """Remove (files and record) every checkpoint whose TTL has run out; returns how many."""
+        removed = 0
+        for record in self.store.expired_checkpoints(time.time()):
+            current = self.store.get_checkpoint(record["tinker_path"])  # not re-saved or given a new TTL since
+            if current is None or not is_expired(current):
+                continue
+            self._remove_checkpoint(current)
+            removed += 1
+            log.info("removed expired checkpoint %s", record["tinker_path"])
+        return removed
+
+    def _remove_checkpoint(self, record: dict[str, Any]) -> None:
+        remove_checkpoint(Path(record["directory"]),
+                          lambda: self.store.delete_checkpoint(record["tinker_path"]))
 
     def resolve_model_id(self, caller: Caller, model_id: Any, field: str = "model_id") -> EvalTarget:
         """What the plain JSON endpoints accept as `model_id`: the base model's name, a tinker://
@@ -422,16 +544,18 @@ class Worker:
             adapter = self.adapter_for(caller, model_id, field)
             trained = TinkerPath.parse(model_id, field).model_id
             loaded = self.store.get_model(trained)
-            return EvalTarget(adapter, trained if loaded and not loaded["unloaded"] else None, model_id)
+            # Another key's published checkpoint: its sampler weights only, never the owner's live run.
+            live = loaded is not None and not loaded["unloaded"] and caller.may_see(loaded["owner"])
+            return EvalTarget(adapter, trained if live else None, model_id)
         if model_id in (self.base_model, self.config.base_model):
             return EvalTarget(None, None, None)
-        self.model_record(caller, model_id, field)
+        record = self.model_record(caller, model_id, field, loaded=False)  # a closed session's run still samples
         saved = [c for c in self.store.list_checkpoints(model_id) if c["kind"] == "sampler"]
         if not saved:
             raise UserInputError(
                 f"model {model_id!r} has no sampler checkpoint yet; call save_weights_for_sampler first", field)
-        return EvalTarget(self.adapter_for(caller, saved[-1]["tinker_path"], field), model_id,
-                          saved[-1]["tinker_path"])
+        return EvalTarget(self.adapter_for(caller, saved[-1]["tinker_path"], field),
+                          None if record["unloaded"] else model_id, saved[-1]["tinker_path"])
 
     def trainer_logprobs(self, target: EvalTarget, tokens: list[int]) -> list[float]:
         """The trainer's logprobs of tokens[1:] under the target's training run (current weights) or
@@ -489,14 +613,20 @@ class Worker:
 
     # ------------------------------------------------------------------ sampling
 
-    def create_sampling_session(self, caller: Caller, base_model: str | None, model_path: str | None) -> str:
+    def create_sampling_session(
+        self, caller: Caller, base_model: str | None, model_path: str | None, session_id: str | None = None
+    ) -> str:
+        """A sampler on the base model or a checkpoint; it is listed in `session_id` when that is one of
+        the caller's sessions (anything else is not linked, so no one can add to another's session)."""
         if model_path is not None:
             self.adapter_for(caller, model_path, "model_path")
             base = self.base_model
         else:
             base = self.served_model(base_model)
         session = f"ss-{uuid.uuid4().hex}"
-        self.store.add_sampling_session(session, caller.owner, base, model_path)
+        known = self.store.get_session(session_id) if isinstance(session_id, str) else None
+        linked = session_id if known is not None and known["owner"] == caller.owner else None
+        self.store.add_sampling_session(session, caller.owner, base, model_path, linked)
         return session
 
     def sampling_session(self, caller: Caller, sampling_session_id: str) -> dict[str, Any]:
@@ -521,13 +651,21 @@ class Worker:
         self.served_model(base_model)
         return None
 
-    def sample(self, caller: Caller, job: SampleJob) -> str:
+    def sample(
+        self, caller: Caller, job: SampleJob, sampling_session_id: str | None = None, seq_id: int | None = None
+    ) -> str:
+        """Queue a sample. With the (already resolved) sampling session and the SDK's `seq_id`, its
+        completion is reported by `retrieve_futures` to the client that sent it: the SDK numbers a
+        client's requests from `clone * 1_000_000_000`."""
         self.check_sample(job)
 
         def run() -> Outcome:
-            return Outcome(SAMPLE_KIND, encode_sample_response(self._sample(job)))
+            result = self._sample(job)
+            self.run_metrics.sampled(caller, job, result)
+            return Outcome(SAMPLE_KIND, encode_sample_response(result, job))
 
-        return self.scheduler.submit_sampling("sample", caller.owner, run)
+        clone = (seq_id or 0) // SAMPLER_CLONE_SEQ_BLOCK
+        return self.scheduler.submit_sampling("sample", caller.owner, run, sampling_session_id, clone)
 
     def sample_now(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
         """Synchronous sampling for the plain JSON endpoint (same validation, no future)."""
@@ -535,11 +673,10 @@ class Worker:
         return self._sample(job, sink)
 
     def _sample(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
-        result = self.sampler.sample(job, sink) if sink is not None else self.sampler.sample(job)
-        if job.prompt_logprobs_last_n and result.prompt_logprobs is not None:
-            keep_from = len(result.prompt_logprobs) - job.prompt_logprobs_last_n
-            result.prompt_logprobs = [None] * keep_from + list(result.prompt_logprobs[keep_from:])
-        return result
+        sampler = look_sampler(self.sampler) if job.look is not None else self.sampler
+        result = sampler.sample(job, sink) if sink is not None else sampler.sample(job)
+        self.prometheus.sampled(result, self.sampler.name)
+        return apply_last_n(job, result)
 
     def check_sample(self, job: SampleJob) -> None:
         """Raise `UserInputError` naming the field unless `job` is within this worker's limits."""
@@ -547,6 +684,7 @@ class Worker:
         bad = [t for t in job.prompt if not 0 <= t < vocab]
         if bad:
             raise UserInputError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+        check_options(job, vocab, self.config.max_topk_logprobs)  # topk_*, target ids, prompt_alt_tokens_k
         if job.num_samples > self.config.max_num_samples:
             raise UserInputError(
                 f"num_samples {job.num_samples} exceeds the limit {self.config.max_num_samples} (TINK_MAX_NUM_SAMPLES)",

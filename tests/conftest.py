@@ -86,9 +86,10 @@ def server(tiny_model_path, tmp_path_factory) -> Iterator[RunningServer]:
     from src.worker import Worker
 
     state = tmp_path_factory.mktemp("state")
+    # One worker serves every test file's runs, most of them made with API_KEY: room for all of them.
     config = Config(base_model=str(tiny_model_path), state_dir=state, api_keys=(API_KEY, OTHER_KEY),
-                    admin_keys=(ADMIN_KEY,), port=free_port(),
-                    retrieve_wait_s=5.0, threads=32)
+                    admin_keys=(ADMIN_KEY,), port=free_port(), retrieve_wait_s=5.0, threads=32,
+                    max_adapters=512, max_adapters_per_key=256)
     worker = Worker.from_config(config)
     with serving(create_app(config, worker), config) as url:
         yield RunningServer(url=url, worker=worker, state_dir=state)

@@ -171,6 +171,22 @@ def test_save_load_round_trip(trainer, tmp_path):
     assert trainer.optim_step(restored, AdamParams())["step:max"] == 1
 
 
+def test_optimizer_follows_the_spec(trainer, tmp_path):
+    from src.optimizers import Dimuon
+
+    adam, dimuon = new_adapter(trainer), "dimuon.x"
+    trainer.create_adapter(dimuon, LoraSpec(rank=4, seed=0, optimizer="dimuon"))
+    assert isinstance(trainer._adapters[adam].optimizer, torch.optim.AdamW)
+    assert isinstance(trainer._adapters[dimuon].optimizer, Dimuon)
+    train_steps(trainer, adam, 1)
+    trainer.save_state(adam, tmp_path)
+    assert torch.load(tmp_path / "optimizer.pt", weights_only=True)["optimizer"] == "adamw"
+    with pytest.raises(UserInputError) as err:  # AdamW moments cannot seed Dimuon
+        trainer.load_state(dimuon, tmp_path, with_optimizer=True)
+    assert err.value.field == "path"
+    trainer.delete_adapter(dimuon)
+
+
 def test_load_rejects_a_different_rank(trainer, tmp_path):
     small, big = new_adapter(trainer, rank=4), new_adapter(trainer, rank=8)
     trainer.save_state(small, tmp_path)
@@ -191,6 +207,7 @@ def test_exported_adapter_loads_in_peft(trainer, tiny_model_path, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_model_path) and config["r"] == 4
+    assert config["lora_alpha"] == 32  # Tinker's scale, so PEFT applies the trainer's 32/4
 
     tokens = [1, 5, 9, 12, 40, 77, 2]
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_path)), tmp_path)

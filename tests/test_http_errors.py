@@ -513,7 +513,7 @@ CASES = [
          400, "sampling_params.top_k"),
     case("asample-stop-mixed", "asample", asample(sampling_params={"max_tokens": 2, "stop": ["a", 3]}),
          400, "sampling_params.stop"),
-    case("asample-topk-logprobs", "asample", asample(topk_prompt_logprobs=5), 400, "topk_prompt_logprobs"),
+    case("asample-topk-logprobs", "asample", asample(topk_prompt_logprobs=-1), 400, "topk_prompt_logprobs"),
     case("asample-unserved-base", "asample", asample(base_model="meta/unknown"), 400, "base_model"),
     case("asample-unknown-path", "asample", asample(model_path="tinker://nope/sampler_weights/x"), 404, "model_path"),
     case("asample-their-path", "asample", asample(model_path=lambda w: w.their_sampler_ckpt), 404, "model_path"),

@@ -115,8 +115,9 @@ def test_oom_retries_with_smaller_microbatches_and_the_same_gradients(trainer, m
     assert attempts[0] > len(BATCH), "it retried"
     assert trainer.budget.bytes_per_token[False] > before and trainer.budget.ceiling[False] < 16384, "it shrank"
     assert out.metrics["loss:sum"] == pytest.approx(expected.metrics["loss:sum"], rel=1e-6)
-    # smaller micro-batches sum the same terms in another order: fp32 rounding only
-    assert_same(grads(trainer, reference), grads(trainer, retried), rtol=1e-5, atol=1e-6)
+    # smaller micro-batches sum the same terms in another order: fp32 rounding only (LoRA scale 32/r makes
+    # these gradients several times larger than at scale 1, hence atol 1e-5)
+    assert_same(grads(trainer, reference), grads(trainer, retried), rtol=1e-5, atol=1e-5)
     trainer.budget.bytes_per_token[False] = before
     trainer.budget.ceiling[False] = None
 

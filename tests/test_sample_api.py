@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import requests
@@ -20,17 +21,22 @@ def post(url: str, path: str, body: dict, key: str = API_KEY, **kw) -> requests.
     return requests.post(f"{url}/api/v1/{path}", json=body, headers={"X-API-Key": key}, timeout=120, **kw)
 
 
+_OPEN_SESSIONS: list[tinker.ServiceClient] = []  # closing a session unloads its runs: keep them for the trainer
+
+
 def trained_model(url: str, base_model: str, rank: int = 8) -> str:
-    """A training run with one real optim step and a sampler checkpoint; returns its model id."""
+    """A training run with one real optim step and a sampler checkpoint, its session left open (the
+    trainer scores the run's live weights); returns its model id."""
     tokens = list(range(3, 40))
     datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
                         loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
-    with tinker.ServiceClient(base_url=url, api_key=API_KEY) as service:
-        tc = service.create_lora_training_client(base_model=base_model, rank=rank, seed=11).result()
-        tc.forward_backward([datum], "cross_entropy").result()
-        tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
-        tc.save_weights_for_sampler("eval").result()
-        return tc.model_id
+    service = tinker.ServiceClient(base_url=url, api_key=API_KEY)
+    _OPEN_SESSIONS.append(service)
+    tc = service.create_lora_training_client(base_model=base_model, rank=rank, seed=11).result()
+    tc.forward_backward([datum], "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    tc.save_weights_for_sampler("eval").result()
+    return tc.model_id
 
 
 def read_events(resp: requests.Response) -> list[tuple[str, dict]]:
@@ -120,6 +126,22 @@ def test_stream_tokens_add_up_to_the_final_result(server, model_id):
 def test_perplexity_sampler_and_trainer_agree(server, model_id):
     check_perplexity_agrees(server.url, model_id, rel=1e-4)
     check_perplexity_agrees(server.url, server.worker.base_model, rel=1e-4)
+
+
+def test_a_closed_sessions_run_still_samples_but_the_trainer_cannot_score_it(server):
+    """Closing the session unloads the run (the SDK: a closed session takes no more operations); its
+    sampler checkpoint still answers by run id, and asking for the trainer's side is a 400, not a 500."""
+    model_id = trained_model(server.url, server.worker.base_model)
+    _OPEN_SESSIONS.pop().close("success").result()
+    deadline = time.time() + 60
+    while not server.worker.store.get_model(model_id)["unloaded"] and time.time() < deadline:
+        time.sleep(0.1)
+    body = {"model_id": model_id, "prompts": ["one two"], "max_tokens": 3, "temperature": 0.0}
+    resp = post(server.url, "sample", body)
+    assert resp.status_code == 200, resp.text
+    gap = post(server.url, "sample", {**body, "logprob_gap": True})
+    assert gap.status_code == 400 and gap.json()["field"] == "model_id", gap.text
+    assert "unloaded" in gap.json()["error"]
 
 
 def test_perplexity_of_a_trained_adapter_differs_from_base(server, model_id):

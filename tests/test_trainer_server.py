@@ -654,7 +654,7 @@ def test_worker_trains_through_the_megatron_server_and_samples_its_export(tiny_m
         losses = []
         for _ in range(5):
             losses.append(tc.forward_backward([datum, datum], "cross_entropy").result().metrics["loss:sum"])
-            tc.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+            tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()  # Tinker scale: 32/8 = 4
         assert losses[-1] < 0.7 * losses[0], losses
         # The sampler's input: a PEFT folder the trainer server wrote where the worker keeps checkpoints.
         saved = tc.save_weights_for_sampler("megatron-export").result()

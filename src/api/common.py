@@ -1,4 +1,4 @@
-"""Helpers shared by the route modules: the worker handle, JSON bodies, future answers."""
+"""Helpers shared by the route modules: the worker handle, JSON bodies, query numbers, future answers."""
 
 from __future__ import annotations
 
@@ -31,6 +31,21 @@ def json_body() -> dict[str, Any]:
     if not isinstance(body, dict):
         raise UserInputError("request body must be a JSON object", "body")
     return body
+
+
+def query_int(name: str, default: int, minimum: int, maximum: int | None) -> int:
+    """An integer query parameter (paging) within [minimum, maximum], or a 400 naming it."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UserInputError(f"{name} must be an integer, got {raw!r}", name) from None
+    if value < minimum or (maximum is not None and value > maximum):
+        limit = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise UserInputError(f"{name} must be {limit}, got {value}", name)
+    return value
 
 
 def future(request_id: str, model_id: str | None = None) -> dict[str, Any]:

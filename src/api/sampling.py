@@ -7,7 +7,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -15,6 +15,7 @@ from tinker import types as sdk
 
 from ..backends import SampledSequence, SampleJob, SampleResult, UserInputError
 from ..evaluation import logprob_gap
+from ..steering import capture_format, captures_json, model_dims, parse_look
 from ..wire import parse_json, sample_job_from_request, sampling_params_from_sdk
 from ..worker import EvalTarget, Worker
 from .common import caller, future, json_body, worker
@@ -26,7 +27,7 @@ bp = Blueprint("sampling", __name__, url_prefix="/api/v1")
 @bp.post("/create_sampling_session")
 def create_sampling_session():
     req = parse_json(sdk.CreateSamplingSessionRequest, json_body())
-    session = worker().create_sampling_session(caller(), req.base_model, req.model_path)
+    session = worker().create_sampling_session(caller(), req.base_model, req.model_path, req.session_id)
     return jsonify({"type": "create_sampling_session", "sampling_session_id": session})
 
 
@@ -53,7 +54,7 @@ def asample():
     w = worker()
     job = sample_job_from_request(req)
     job.adapter = w.resolve_sampling_target(caller(), req.sampling_session_id, req.model_path, req.base_model)
-    request_id = w.sample(caller(), job)
+    request_id = w.sample(caller(), job, req.sampling_session_id, req.seq_id)
     # The promise names each sequence up front; the SDK stamps these ids onto the final response.
     return jsonify({**future(request_id),
                     "sample_sequence_ids": [f"{request_id}/{i}" for i in range(job.num_samples)]})
@@ -65,7 +66,9 @@ def sample_text():
 
     Body: `{"model_id": <base model | tinker:// path | training model id>, "prompts": ["..."],
     "num_samples": 1, "sampling_params": {"max_tokens": 32, "temperature": 0.7, ...},
-    "prompt_logprobs": false, "logprob_gap": false, "stream": false}`. With `stream: true` the answer
+    "prompt_logprobs": false, "logprob_gap": false, "stream": false, "capture": [{"layer", "site", "reduce"}],
+    "steer": [{"layer", "vector" | "vector_id", "scale", "positions"}], "capture_format": "json" | "base64"}`
+    (capture and steer: src/steering.py; each completion then has `captures`). With `stream: true` the answer
     is `text/event-stream`: `token` events as tokens are chosen, one `result` per prompt, then `done`.
     """
     body = json_body()
@@ -73,16 +76,17 @@ def sample_text():
     target = w.resolve_model_id(caller(), body.get("model_id"))
     jobs = _sample_jobs(body, target)
     want_gap = _flag(body, "logprob_gap")
+    fmt = capture_format(body)
     if want_gap:
         w.trainer_logprobs(target, jobs[0][1].prompt[:2])  # fail now (4xx/503), not mid-answer
     tokenizer = current_app.extensions["tink.tokenizer"]()
     if _flag(body, "stream"):
-        return _stream(w, tokenizer, jobs, target, want_gap, body.get("model_id"))
+        return _stream(w, tokenizer, jobs, target, want_gap, body.get("model_id"), fmt)
     results, served_by = [], []
     for text, job in jobs:
         out = w.sample_now(job)
         served_by.append(out.served_by or w.sampler.name)
-        results.append(_prompt_result(w, tokenizer, text, job, out, target, want_gap))
+        results.append(_prompt_result(w, tokenizer, text, job, out, target, want_gap, fmt))
     return jsonify({"model_id": body.get("model_id"), "sampler": _one_name(served_by), "checkpoint": target.checkpoint,
                     "results": results})
 
@@ -127,13 +131,25 @@ def _sample_jobs(body: dict[str, Any], target: EvalTarget) -> list[tuple[str, Sa
     params = sampling_params_from_sdk(parse_json(sdk.SamplingParams, body.get("sampling_params") or {},
                                                  "sampling_params"))
     tokenizer = current_app.extensions["tink.tokenizer"]()
+    look = _look(body, params.max_tokens)
     jobs = [(text, SampleJob(prompt=tokenizer.encode(text, add_special_tokens=True), num_samples=num_samples,
                              params=params, adapter=target.adapter,
-                             prompt_logprobs=_flag(body, "prompt_logprobs")))
+                             prompt_logprobs=_flag(body, "prompt_logprobs"), look=look))
             for text in prompts]
     for _, job in jobs:
         worker().check_sample(job)  # every prompt is valid before the first is sampled
     return jobs
+
+
+def _look(body: dict[str, Any], max_tokens: int) -> Any:
+    """The body's `capture` / `steer` (src/steering.py), validated against the base model's shape."""
+    if not body.get("capture") and not body.get("steer"):
+        return None
+    from .steering import vectors
+
+    w = worker()
+    return parse_look(body, model_dims(w.base_model), max_tokens, w.config.capture_all_max_tokens,
+                      vectors().lookup(caller()))
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:
@@ -156,7 +172,7 @@ def _completion(tokenizer: Any, seq: SampledSequence) -> dict[str, Any]:
 
 
 def _prompt_result(w: Worker, tokenizer: Any, text: str, job: SampleJob, out: SampleResult, target: EvalTarget,
-                   want_gap: bool) -> dict[str, Any]:
+                   want_gap: bool, fmt: str = "json") -> dict[str, Any]:
     completions = []
     for seq in out.sequences:
         completion = _completion(tokenizer, seq)
@@ -164,19 +180,20 @@ def _prompt_result(w: Worker, tokenizer: Any, text: str, job: SampleJob, out: Sa
             # The trainer scores prompt + completion; its last len(tokens) values are the sampled tokens'.
             trainer_lps = w.trainer_logprobs(target, job.prompt + seq.tokens)[-len(seq.tokens):]
             completion["logprob_gap"] = logprob_gap(seq.logprobs, trainer_lps)
+            w.run_metrics.logprob_gap(target.trained_model_id, completion["logprob_gap"])  # the dashboard
+        if job.look is not None and job.look.capture:
+            completion["captures"] = captures_json(seq.captures, job.look, fmt)
         completions.append(completion)
     return {"prompt": text, "prompt_tokens": job.prompt, "prompt_logprobs": out.prompt_logprobs,
             "completions": completions}
 
 
 def _stream(w: Worker, tokenizer: Any, jobs: list[tuple[str, SampleJob]], target: EvalTarget, want_gap: bool,
-            model_id: Any) -> Response:
+            model_id: Any, fmt: str = "json") -> Response:
     """Server-sent events; the sampling runs on its own thread, so a slow reader never stalls a backend."""
-    events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
-
     served_by: list[str] = []
 
-    def produce() -> None:
+    def produce(events: queue.Queue) -> None:
         try:
             for index, (text, job) in enumerate(jobs):
                 def sink(sample: int, tokens: list[int], logprobs: list[float], prompt: int = index) -> None:
@@ -186,7 +203,7 @@ def _stream(w: Worker, tokenizer: Any, jobs: list[tuple[str, SampleJob]], target
                 out = w.sample_now(job, sink)
                 served_by.append(out.served_by or w.sampler.name)
                 events.put(("result", {"prompt_index": index,
-                                       **_prompt_result(w, tokenizer, text, job, out, target, want_gap)}))
+                                       **_prompt_result(w, tokenizer, text, job, out, target, want_gap, fmt)}))
             events.put(("done", {"model_id": model_id, "sampler": _one_name(served_by),
                                  "checkpoint": target.checkpoint}))
         except UserInputError as exc:
@@ -197,21 +214,14 @@ def _stream(w: Worker, tokenizer: Any, jobs: list[tuple[str, SampleJob]], target
         finally:
             events.put(None)
 
-    threading.Thread(target=produce, name="tink-stream", daemon=True).start()
-    disconnected = request.environ.get("waitress.client_disconnected", lambda: False)
+    items = background_events(produce)
 
     def serve() -> Iterator[str]:
         sent: dict[tuple[int, int], list[int]] = {}  # (prompt, sample) -> tokens so far, for text deltas
-        while True:
-            try:
-                item = events.get(timeout=15)
-            except queue.Empty:
-                if disconnected():
-                    return
-                yield ": keep-alive\n\n"
+        for item in items:
+            if item is KEEP_ALIVE:
+                yield item
                 continue
-            if item is None:
-                return
             kind, data = item
             if kind == "token":
                 so_far = sent.setdefault((data["prompt_index"], data["sample_index"]), [])
@@ -222,6 +232,33 @@ def _stream(w: Worker, tokenizer: Any, jobs: list[tuple[str, SampleJob]], target
 
     return Response(serve(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
                                                                     "X-Accel-Buffering": "no"})
+
+
+KEEP_ALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see the connection is alive
+
+
+def background_events(produce: Callable[[queue.Queue], None]) -> Iterator[Any]:
+    """Start `produce(events)` on its own thread now, so a slow reader never stalls a backend; iterate
+    what it puts until it puts None, with `KEEP_ALIVE` after 15 s of silence. Stops early when the
+    client has gone (waitress tells). Call it inside the request; iterate it in the response."""
+    events: queue.Queue = queue.Queue()
+    threading.Thread(target=produce, args=(events,), name="tink-stream", daemon=True).start()
+    disconnected = request.environ.get("waitress.client_disconnected", lambda: False)
+
+    def drain() -> Iterator[Any]:
+        while True:
+            try:
+                item = events.get(timeout=15)
+            except queue.Empty:
+                if disconnected():
+                    return
+                yield KEEP_ALIVE
+                continue
+            if item is None:
+                return
+            yield item
+
+    return drain()
 
 
 def _one_name(served_by: list[str]) -> str:

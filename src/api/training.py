@@ -8,7 +8,7 @@ import re
 from flask import Blueprint, jsonify, request
 from tinker import types as sdk
 
-from ..backends import AdamParams, LoraSpec, UserInputError
+from ..backends import AdamParams, DimuonParams, LoraSpec, UserInputError
 from ..wire import (
     PROTO_CONTENT_TYPE,
     decode_forward_backward_json,
@@ -37,15 +37,23 @@ def check_model_id_parts(session_id: object, model_seq_id: object) -> None:
 def create_model():
     req = parse_json(sdk.CreateModelRequest, json_body())
     check_model_id_parts(req.session_id, req.model_seq_id)
-    if req.optimizer_config.type != "adamw":
-        raise UserInputError(
-            f"optimizer {req.optimizer_config.type!r} is not supported; use adamw", "optimizer_config.type")
+    optimizer = optimizer_family(req.optimizer_config)
     lora = req.lora_config or sdk.LoraConfig(rank=32)
     spec = LoraSpec(rank=lora.rank, seed=lora.seed, train_attn=lora.train_attn,
-                    train_mlp=lora.train_mlp, train_unembed=lora.train_unembed)
+                    train_mlp=lora.train_mlp, train_unembed=lora.train_unembed, optimizer=optimizer)
     request_id, model_id = worker().create_model(
         caller(), req.session_id, req.model_seq_id, req.base_model, spec, req.user_metadata)
     return jsonify(future(request_id, model_id))
+
+
+def optimizer_family(config: sdk.OptimizerConfig) -> str:
+    """`optimizer_config.type` once the whole config is valid for its family (AdamW or Dimuon v1)."""
+    if config.type == "dimuon":
+        parse_json(sdk.DimuonOptimizerConfig, config.model_dump(), "optimizer_config")
+    elif config.type != "adamw":
+        raise UserInputError(f"optimizer {config.type!r} is not supported; use adamw or dimuon",
+                             "optimizer_config.type")
+    return config.type
 
 
 @bp.post("/get_info")
@@ -76,18 +84,24 @@ def forward():
 @bp.post("/optim_step")
 def optim_step():
     body = json_body()
-    if not body.keys() & {"adam_params", "optim_params", "optimizer_params"}:
-        raise UserInputError("adam_params is required: this step's AdamW hyperparameters", "adam_params")
+    key = next((k for k in ("adam_params", "optim_params", "optimizer_params") if k in body), None)
+    if key is None:
+        raise UserInputError("adam_params is required: this step's AdamW hyperparameters "
+                             "(or optimizer_params for a Dimuon model)", "adam_params")
     req = parse_json(sdk.OptimStepRequest, body)
     p = req.optim_params
-    if not isinstance(p, sdk.AdamParams):
-        raise UserInputError(f"optimizer {getattr(p, 'type', '?')!r} is not supported; send adam_params",
-                             "optimizer_params")
-    for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
-        if not math.isfinite(getattr(p, name)):  # NaN passes every range check and poisons the weights
-            raise UserInputError(f"{name} must be a finite number", f"adam_params.{name}")
-    params = AdamParams(learning_rate=p.learning_rate, beta1=p.beta1, beta2=p.beta2, eps=p.eps,
-                        weight_decay=p.weight_decay, grad_clip_norm=p.grad_clip_norm)
+    if isinstance(p, sdk.AdamParams):
+        for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
+            if not math.isfinite(getattr(p, name)):  # NaN passes every range check and poisons the weights
+                raise UserInputError(f"{name} must be a finite number", f"adam_params.{name}")
+        params = AdamParams(learning_rate=p.learning_rate, beta1=p.beta1, beta2=p.beta2, eps=p.eps,
+                            weight_decay=p.weight_decay, grad_clip_norm=p.grad_clip_norm)
+    elif p.type == "dimuon":  # the SDK's own DimuonParams checks ranges, finiteness and unknown fields
+        d = parse_json(sdk.DimuonParams, body[key], key)
+        params = DimuonParams(learning_rate=d.learning_rate, beta1=d.beta1, grad_clip_norm=d.grad_clip_norm)
+    else:
+        raise UserInputError(f"optimizer {p.type!r} is not supported; send adam_params, or dimuon "
+                             "optimizer_params", f"{key}.type")
     return jsonify(future(worker().optim_step(caller(), req.model_id, params), req.model_id))
 
 

@@ -1,0 +1,150 @@
+"""Many adapters, one pass: joined `forward_backward` of several models vs the same requests one by one.
+
+The HF trainer on CPU (fp32), as a shared worker sees it: `--models` users, each with its own LoRA
+and `--seqs` sequences, run either one request at a time (TINK_BATCH_ADAPTERS=false) or as one joined
+pass (`HFTrainer.forward_backward_many`, what the scheduler runs when the requests wait together).
+Two shapes in one run: the embedded tiny Llama and a larger CPU-feasible one. Each line also gives
+the largest relative difference of any LoRA gradient and any logprob between the two ways.
+
+    .venv/bin/python bench/bench_multi_adapter.py                     # 8 models x 8 sequences, both shapes
+    .venv/bin/python bench/bench_multi_adapter.py --models 4 --seqs 16 --repeats 5
+    .venv/bin/python bench/bench_multi_adapter.py --device cuda --dtype bfloat16   # where a GPU is
+
+Seen on a shared 2-core CPU (2026-12-02, noisy): the joined pass is exact (max relative difference
+<= 7e-7) but not faster there: 0.65x-1.5x for forward_backward and 0.95x-1.3x for forward across
+runs; larger micro-batches cost more per token on a CPU. Hence TINK_BATCH_ADAPTERS is off by default
+until a GPU run shows the gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src.backends import LoraSpec, TrainDatum  # noqa: E402
+from src.hf_trainer import HFTrainer  # noqa: E402
+from src.multi_adapter import AdapterPass  # noqa: E402
+from src.tiny_model import build_model, build_tokenizer, ensure_tiny_model  # noqa: E402
+
+SHAPES = {"tiny": {"layers": 2, "hidden": 128}, "small": {"layers": 6, "hidden": 512}}
+
+
+def model_folder(shape: str, root: Path) -> str:
+    if shape == "tiny":
+        return str(ensure_tiny_model(root / "tiny-llama"))
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, **SHAPES[shape]).save_pretrained(root / shape)
+    tokenizer.save_pretrained(root / shape)
+    return str(root / shape)
+
+
+def make_passes(trainer: HFTrainer, args, shape: str) -> list[AdapterPass]:
+    rng = np.random.default_rng(0)
+    passes = []
+    for m in range(args.models):
+        model_id = f"{shape}-user{m}"
+        trainer.create_adapter(model_id, LoraSpec(rank=args.rank, seed=m))
+        with torch.no_grad():  # B != 0, as after a few steps, so every factor gets a gradient
+            for p in trainer.adapter_parameters(model_id):
+                p.normal_(0, 0.02)
+        data = []
+        for _ in range(args.seqs):
+            n = int(rng.integers(args.min_len, args.max_len + 1))
+            data.append(TrainDatum(rng.integers(1, 500, n).tolist(),
+                                   {"target_tokens": rng.integers(1, 500, n), "weights": np.ones(n, np.float32)}))
+        passes.append(AdapterPass(model_id, data, "cross_entropy", None))
+    return passes
+
+
+def clear(trainer: HFTrainer, passes: list[AdapterPass]) -> None:
+    for p in passes:
+        for t in trainer.adapter_parameters(p.model_id):
+            t.grad = None
+
+
+def one_by_one(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool) -> list:
+    return [trainer.forward_backward(p.model_id, p.data, p.loss_fn, p.loss_fn_config, forward_only) for p in passes]
+
+
+def joined(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool) -> list:
+    return trainer.forward_backward_many(passes, forward_only)
+
+
+def timed(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool, repeats: int) -> dict[str, tuple]:
+    """Per way: median seconds of `repeats` runs (after one warm-up), and the last run's results and gradients.
+    The two ways alternate, so a change in the machine's load hits both alike."""
+    seconds: dict[str, list[float]] = {"alone": [], "joined": []}
+    last: dict[str, list] = {}
+    for _ in range(repeats + 1):
+        for way, run in (("alone", one_by_one), ("joined", joined)):
+            clear(trainer, passes)
+            start = time.perf_counter()
+            results = run(trainer, passes, forward_only)
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[way].append(time.perf_counter() - start)
+            last[way] = [results, [] if forward_only else
+                         [[t.grad.clone() for t in trainer.adapter_parameters(p.model_id)] for p in passes]]
+    return {way: (statistics.median(s[1:]), last[way]) for way, s in seconds.items()}
+
+
+def max_relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((float((x - y).abs().max()) / max(float(y.abs().max()), 1e-12) for x, y in zip(a, b)), default=0.0)
+
+
+def compare(alone: list, together: list) -> float:
+    (res_a, grads_a), (res_j, grads_j) = alone, together
+    worst = 0.0
+    for ra, rj in zip(res_a, res_j):
+        worst = max(worst, max_relative([torch.as_tensor(o["logprobs"]) for o in rj.loss_fn_outputs],
+                                        [torch.as_tensor(o["logprobs"]) for o in ra.loss_fn_outputs]))
+    for ga, gj in zip(grads_a, grads_j):
+        worst = max(worst, max_relative(gj, ga))
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=8)
+    parser.add_argument("--seqs", type=int, default=8, help="sequences per model")
+    parser.add_argument("--min-len", type=int, default=48)
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapes", default="tiny,small")
+    parser.add_argument("--microbatch-tokens", type=int, default=16384, help="TINK_TRAIN_MICROBATCH_TOKENS")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="TINK_DEVICE, e.g. cuda (then also --dtype bfloat16)")
+    parser.add_argument("--dtype", default="float32", help="TINK_DTYPE")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{args.models} models x {args.seqs} sequences of {args.min_len}-{args.max_len} tokens, LoRA rank "
+          f"{args.rank} on every projection and lm_head, {args.device} {args.dtype}, {torch.get_num_threads()} CPU threads")
+    print(f"{'shape':<28} {'op':<17} {'one by one tok/s':>17} {'joined tok/s':>13} {'speed-up':>9} {'max rel diff':>13}")
+    with tempfile.TemporaryDirectory() as root:
+        for shape in args.shapes.split(","):
+            trainer = HFTrainer(model_folder(shape, Path(root)), device=args.device, dtype=args.dtype,
+                                microbatch_tokens=args.microbatch_tokens, gradient_checkpointing="false")
+            passes = make_passes(trainer, args, shape)
+            tokens = sum(len(d.tokens) for p in passes for d in p.data)
+            label = f"{shape} ({SHAPES[shape]['layers']} layers, h={SHAPES[shape]['hidden']})"
+            for forward_only in (False, True):
+                ways = timed(trainer, passes, forward_only, args.repeats)
+                (alone_s, alone), (joined_s, together) = ways["alone"], ways["joined"]
+                op = "forward" if forward_only else "forward_backward"
+                print(f"{label:<28} {op:<17} {tokens / alone_s:>17,.0f} {tokens / joined_s:>13,.0f} "
+                      f"{alone_s / joined_s:>8.2f}x {compare(alone, together):>13.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Capture and steering on the in-process vLLM engine (src/steering_vllm.py) against the HF sampler's hooks
+(themselves checked against a plain HF forward in test_steering.py): the same residual-stream values (fp32 on
+CPU), the same steered greedy generations, and per-request isolation inside one vLLM batch."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from src.backends import SampleJob, SamplingParams
+from src.steering import CaptureSpec, LookInside, SteerSpec
+from tests import vllm_fixtures
+from tests.vllm_fixtures import requires_vllm
+
+from . import test_steering
+from .test_steering import HIDDEN, assert_close, direction, residual_rows
+
+reference = test_steering.reference  # a module fixture: the plain HF model
+hf_sampler, vllm_adapters, vllm_engine = (vllm_fixtures.hf_sampler, vllm_fixtures.vllm_adapters,  # session fixtures
+                                          vllm_fixtures.vllm_engine)
+
+pytestmark = [pytest.mark.vllm, requires_vllm]
+
+PROMPT = [1, 40, 41, 42, 43]
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
+EVERY_SITE = (CaptureSpec(0, "resid_post", "all"), CaptureSpec(1, "resid_post", "all"),
+              CaptureSpec(1, "resid_post", "mean"), CaptureSpec(0, "resid_post", "last"),
+              CaptureSpec(1, "attn_out", "all"), CaptureSpec(0, "mlp_out", "last"))
+
+
+def assert_same_look(a, b) -> None:
+    """Two samplers' completions with captures: the same tokens, the captures within 1e-4 relative."""
+    assert a.tokens == b.tokens
+    assert len(a.captures) == len(b.captures)
+    for x, y in zip(a.captures, b.captures):
+        assert_close(x, y)
+
+
+def test_captures_agree_with_hf(vllm_engine, hf_sampler, vllm_adapters):
+    assert vllm_engine.looks_inside
+    for adapter in (None, vllm_adapters["a"]):
+        job = SampleJob(PROMPT, 2, GREEDY, adapter, look=LookInside(EVERY_SITE))
+        ours, theirs = vllm_engine.sample(job), hf_sampler.sample(job)
+        for a, b in zip(ours.sequences, theirs.sequences):
+            assert a.captures[0].shape == (len(a.tokens), HIDDEN)
+            assert_same_look(a, b)
+    # longer than the engine's window of recent rows (mean and last keep a running sum)
+    job = SampleJob(PROMPT, 1, SamplingParams(max_tokens=24, temperature=0.0), look=LookInside(EVERY_SITE))
+    assert_same_look(vllm_engine.sample(job).sequences[0], hf_sampler.sample(job).sequences[0])
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
+def test_steered_greedy_generation_is_identical(vllm_engine, hf_sampler, positions):
+    look = LookInside((CaptureSpec(1, "resid_post", "all"),), (SteerSpec(0, direction(), 1.0, positions),))
+    job = SampleJob(PROMPT, 1, GREEDY, look=look)
+    steered = vllm_engine.sample(job).sequences[0]
+    assert_same_look(steered, hf_sampler.sample(job).sequences[0])
+    assert steered.tokens != vllm_engine.sample(SampleJob(PROMPT, 1, GREEDY)).sequences[0].tokens
+
+
+def test_scale_zero_changes_nothing(vllm_engine):
+    plain = vllm_engine.sample(SampleJob(PROMPT, 1, GREEDY)).sequences[0]
+    zero = vllm_engine.sample(SampleJob(PROMPT, 1, GREEDY, look=LookInside((), (SteerSpec(0, direction(), 0.0),))))
+    assert zero.sequences[0].tokens == plain.tokens
+    assert zero.sequences[0].logprobs == pytest.approx(plain.logprobs, abs=1e-6)
+
+
+def test_sampled_children_keep_their_own_captures(vllm_engine, reference):
+    """n > 1 (temperature > 0): each child of the vLLM request gets the rows of its own tokens."""
+    job = SampleJob(PROMPT, 4, SamplingParams(max_tokens=6, temperature=1.5, seed=5),
+                    look=LookInside((CaptureSpec(0, "resid_post", "all"),)))
+    result = vllm_engine.sample(job)
+    assert len({tuple(s.tokens) for s in result.sequences}) > 1
+    for seq in result.sequences:
+        assert_close(seq.captures[0], residual_rows(reference, PROMPT, seq.tokens, 0))
+
+
+def test_steered_prompt_stays_out_of_the_shared_prefix_cache(vllm_engine, hf_sampler):
+    long = PROMPT * 8  # whole KV blocks, which the prefix cache would share
+    steer = LookInside((), (SteerSpec(0, direction(), 1.0, "prompt"),))
+    before = vllm_engine.sample(SampleJob(long, 1, GREEDY)).sequences[0]
+    steered = vllm_engine.sample(SampleJob(long, 1, GREEDY, look=steer)).sequences[0]
+    again = vllm_engine.sample(SampleJob(long, 1, GREEDY, look=steer)).sequences[0]
+    after = vllm_engine.sample(SampleJob(long, 1, GREEDY)).sequences[0]
+    assert steered.tokens == again.tokens == hf_sampler.sample(SampleJob(long, 1, GREEDY, look=steer)).sequences[0].tokens
+    assert steered.tokens != before.tokens
+    assert after.tokens == before.tokens and after.logprobs == pytest.approx(before.logprobs, abs=1e-5)
+
+
+def test_mixed_batch_equals_each_alone(vllm_engine, vllm_adapters):
+    """8 requests in one engine batch (steered, unsteered, two adapters, different capture layers): each
+    result equals the same request run alone, tokens and captured values."""
+    adapters = [None, vllm_adapters["a"], vllm_adapters["b"]]
+    jobs = [SampleJob(PROMPT if i % 2 else [1, 50, 60, 70], 2, GREEDY, adapters[i % 3],
+                      look=LookInside((CaptureSpec(i % 2, "resid_post", "all"),),
+                                      (SteerSpec(i % 2, direction(i), 1.0, ("all", "prompt", "generated")[i % 3]),)
+                                      if i % 4 < 2 else ()))
+            for i in range(8)]
+    alone = [vllm_engine.sample(job) for job in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(vllm_engine.sample, jobs))
+    for a, b in zip(alone, together):
+        for x, y in zip(a.sequences, b.sequences):
+            assert x.tokens == y.tokens
+            assert_close(x.captures[0], y.captures[0], relative=1e-5)
+    assert vllm_engine.peak_operations_in_flight >= 4  # they really shared the engine
+
+
+def test_prompt_logprobs_of_a_steered_job_agree_with_hf(vllm_engine, hf_sampler):
+    job = SampleJob(PROMPT, 1, GREEDY, prompt_logprobs=True,
+                    look=LookInside((), (SteerSpec(0, direction(), 1.0, "prompt"),)))
+    ours, theirs = vllm_engine.sample(job), hf_sampler.sample(job)
+    plain = hf_sampler.sample(SampleJob(PROMPT, 1, GREEDY, prompt_logprobs=True))
+    assert ours.prompt_logprobs[1:] == pytest.approx(theirs.prompt_logprobs[1:], abs=1e-4)
+    assert theirs.prompt_logprobs[1:] != pytest.approx(plain.prompt_logprobs[1:], abs=1e-2)
