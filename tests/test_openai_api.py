@@ -134,8 +134,11 @@ def test_greedy_completion_equals_tinker_sampling_token_for_token(served):
         assert choice.model_extra["prompt_token_ids"] == prompt
         assert choice.text == served.tokenizer.decode(expected.tokens, skip_special_tokens=True)
         assert choice.logprobs.token_logprobs == pytest.approx(list(expected.logprobs), abs=1e-4)
-        for logprob, top in zip(choice.logprobs.token_logprobs, choice.logprobs.top_logprobs):
-            assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(logprob, abs=1e-5)  # greedy: the argmax
+        for token, logprob, top in zip(choice.logprobs.tokens, choice.logprobs.token_logprobs,
+                                       choice.logprobs.top_logprobs):
+            assert top[token] == pytest.approx(logprob, abs=1e-5), "the chosen token is among the top ones"
+            assert max(top.values()) == pytest.approx(logprob, abs=1e-5)  # greedy: the argmax
+            assert len(top) <= 3, "logprobs=3 (fewer only where two ids decode to one string)"
         assert answer.usage.prompt_tokens == len(prompt) and answer.usage.completion_tokens == len(expected.tokens)
     assert base.choices[0].model_extra["token_ids"] != choice.model_extra["token_ids"]  # the adapter is applied
     as_ids = client(served).completions.create(model=served.path, prompt=prompt, max_tokens=12, temperature=0)

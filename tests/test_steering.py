@@ -343,27 +343,7 @@ def test_steering_vector_bad_input_names_the_field(server, body, field):
 # ----------------------------------------------------------------------------- the chat page in a browser
 
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-@pytest.fixture
-def browser(tmp_path):
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("Debian's chromium and chromium-driver are not installed "
-                    "(apt-get install -y --no-install-recommends chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1000",
-                "--disable-gpu", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+# the `browser` fixture (headless Chromium) lives in tests/conftest.py
 
 
 def wait_until(predicate, timeout: float = 60.0, what: str = "the page"):
