@@ -9,6 +9,10 @@ the largest relative difference of any LoRA gradient and any logprob between the
     .venv/bin/python bench/bench_multi_adapter.py                     # 8 models x 8 sequences, both shapes
     .venv/bin/python bench/bench_multi_adapter.py --models 4 --seqs 16 --repeats 5
     .venv/bin/python bench/bench_multi_adapter.py --device cuda --dtype bfloat16   # where a GPU is
+    python3 bench/bench_multi_adapter.py --device cuda --dtype bfloat16 --shapes /tmp/b-7b/model-7b \
+        --seqs 8 --min-len 512 --max-len 512 --rank 32 --checkpointing auto   # the issue's 8 x 8 x 512 at 7B
+
+"1 adapter" is the issue's reference: all the sequences as one request of one model.
 
 Seen on a shared 2-core CPU (2026-12-02, noisy): the joined pass is exact (max relative difference
 <= 7e-7) but not faster there: 0.65x-1.5x for forward_backward and 0.95x-1.3x for forward across
@@ -39,6 +43,8 @@ SHAPES = {"tiny": {"layers": 2, "hidden": 128}, "small": {"layers": 6, "hidden":
 
 
 def model_folder(shape: str, root: Path) -> str:
+    if Path(shape).is_dir():  # a model folder, e.g. the GPU bench's 0.5B- or 7B-shaped one
+        return shape
     if shape == "tiny":
         return str(ensure_tiny_model(root / "tiny-llama"))
     tokenizer = build_tokenizer()
@@ -79,22 +85,32 @@ def joined(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool) ->
     return trainer.forward_backward_many(passes, forward_only)
 
 
+def one_adapter(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool) -> list:
+    """The issue's reference: every sequence in one request of the first model (one adapter, one pass)."""
+    first = passes[0]
+    everything = AdapterPass(first.model_id, [d for p in passes for d in p.data], first.loss_fn, first.loss_fn_config)
+    return [trainer.forward_backward(first.model_id, everything.data, first.loss_fn, first.loss_fn_config,
+                                     forward_only)]
+
+
 def timed(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool, repeats: int) -> dict[str, tuple]:
     """Per way: median seconds of `repeats` runs (after one warm-up), and the last run's results and gradients.
-    The two ways alternate, so a change in the machine's load hits both alike."""
-    seconds: dict[str, list[float]] = {"alone": [], "joined": []}
+    The ways alternate, so a change in the machine's load hits them alike."""
+    seconds: dict[str, list[float]] = {"alone": [], "joined": [], "one_adapter": []}
     last: dict[str, list] = {}
     for _ in range(repeats + 1):
-        for way, run in (("alone", one_by_one), ("joined", joined)):
+        for way, run in (("alone", one_by_one), ("joined", joined), ("one_adapter", one_adapter)):
             clear(trainer, passes)
             start = time.perf_counter()
             results = run(trainer, passes, forward_only)
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds[way].append(time.perf_counter() - start)
+            if way == "one_adapter":
+                continue
             last[way] = [results, [] if forward_only else
                          [[t.grad.clone() for t in trainer.adapter_parameters(p.model_id)] for p in passes]]
-    return {way: (statistics.median(s[1:]), last[way]) for way, s in seconds.items()}
+    return {way: (statistics.median(s[1:]), last.get(way)) for way, s in seconds.items()}
 
 
 def max_relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -125,25 +141,34 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="TINK_DEVICE, e.g. cuda (then also --dtype bfloat16)")
     parser.add_argument("--dtype", default="float32", help="TINK_DTYPE")
+    parser.add_argument("--checkpointing", default="false", help="TINK_GRADIENT_CHECKPOINTING: false, true, auto")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{args.models} models x {args.seqs} sequences of {args.min_len}-{args.max_len} tokens, LoRA rank "
           f"{args.rank} on every projection and lm_head, {args.device} {args.dtype}, {torch.get_num_threads()} CPU threads")
-    print(f"{'shape':<28} {'op':<17} {'one by one tok/s':>17} {'joined tok/s':>13} {'speed-up':>9} {'max rel diff':>13}")
+    print(f"{'shape':<28} {'op':<17} {'one by one tok/s':>17} {'joined tok/s':>13} {'speed-up':>9} "
+          f"{'1 adapter tok/s':>16} {'joined/1 adapter':>17} {'max rel diff':>13}")
     with tempfile.TemporaryDirectory() as root:
         for shape in args.shapes.split(","):
             trainer = HFTrainer(model_folder(shape, Path(root)), device=args.device, dtype=args.dtype,
-                                microbatch_tokens=args.microbatch_tokens, gradient_checkpointing="false")
+                                microbatch_tokens=args.microbatch_tokens, gradient_checkpointing=args.checkpointing)
             passes = make_passes(trainer, args, shape)
             tokens = sum(len(d.tokens) for p in passes for d in p.data)
-            label = f"{shape} ({SHAPES[shape]['layers']} layers, h={SHAPES[shape]['hidden']})"
+            config = trainer._hf.config
+            label = (f"{shape} ({SHAPES[shape]['layers']} layers, h={SHAPES[shape]['hidden']})" if shape in SHAPES
+                     else f"{Path(shape).name} ({getattr(config, 'num_hidden_layers', '?')} layers)")
             for forward_only in (False, True):
                 ways = timed(trainer, passes, forward_only, args.repeats)
                 (alone_s, alone), (joined_s, together) = ways["alone"], ways["joined"]
+                single_s = ways["one_adapter"][0]
                 op = "forward" if forward_only else "forward_backward"
                 print(f"{label:<28} {op:<17} {tokens / alone_s:>17,.0f} {tokens / joined_s:>13,.0f} "
-                      f"{alone_s / joined_s:>8.2f}x {compare(alone, together):>13.1e}", flush=True)
+                      f"{alone_s / joined_s:>8.2f}x {tokens / single_s:>16,.0f} {single_s / joined_s:>16.2f}x "
+                      f"{compare(alone, together):>13.1e}", flush=True)
+            del trainer
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 
 Routes live in `src/api/` (one blueprint per group) and stay thin; no model code here.
 Errors are JSON: `{"error": "...", "field": "..."}` with 400 (bad input), 401 (API key),
-403 (expired or altered download link), 404 (unknown id), 413 (body too large); a backend
+403 (expired or altered download link), 404 (unknown id), 410 (an expired session or a run released
+with it), 413 (body too large); a backend
 failure fails its future, not the server.
 """
 
@@ -21,7 +22,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from .auth import KeyRing, UrlSigner, presented_key
 from .backends import BackendError, UserInputError
 from .config import Config, ConfigError
-from .worker import NotFoundError, TrainerUnavailableError, Worker
+from .worker import GoneError, NotFoundError, TrainerUnavailableError, Worker
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,10 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(NotFoundError)
     def not_found(exc: NotFoundError):
         return jsonify({"error": str(exc), "field": exc.field}), 404
+
+    @app.errorhandler(GoneError)
+    def gone(exc: GoneError):
+        return jsonify({"error": str(exc), "field": exc.field}), 410
 
     @app.errorhandler(UserInputError)
     def bad_input(exc: UserInputError):

@@ -16,6 +16,7 @@ when the worker starts, then on a timer.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,18 +109,31 @@ def is_expired(record: dict[str, Any], now: float | None = None) -> bool:
     return record["expires_at"] is not None and record["expires_at"] <= (time.time() if now is None else now)
 
 
-def remove_checkpoint(directory: Path, forget: Callable[[], None]) -> None:
-    """Remove a checkpoint: its folder renamed away (readers see it gone at once), then `forget()`
-    (its database row), then its files. A crash after the rename leaves a hidden folder, which
-    `clear_leftovers` deletes at the next start (and, before `forget`, a row readers get 404 for)."""
-    tombstone = None
-    if directory.exists():
+def remove_checkpoint(directory: Path, forget: Callable[[], None], also: Sequence[Path] = ()) -> None:
+    """Remove a checkpoint: its folder and the folders `also` names (its merged export) renamed away
+    into one hidden folder (readers see them gone at once), then `forget()` (its database row), then
+    the files. A crash after the renames leaves that hidden folder, which `clear_leftovers` deletes at
+    the next start (and, before `forget`, a row readers get 404 for). A folder of `also` on another
+    filesystem than `directory` is renamed to a hidden sibling of its own instead."""
+    hidden: list[Path] = []
+    present = [folder for folder in (directory, *also) if folder.exists()]
+    if present:
+        directory.parent.mkdir(parents=True, exist_ok=True)
         tombstone = Path(tempfile.mkdtemp(prefix=f".{directory.name}.deleted-", dir=directory.parent))
-        os.rename(directory, tombstone / "c")
-        _fsync_dir(directory.parent)
+        hidden.append(tombstone)
+        for index, folder in enumerate(present):
+            try:
+                os.rename(folder, tombstone / ("c" if folder == directory else f"also-{index}"))
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                apart = Path(tempfile.mkdtemp(prefix=f".{folder.name}.deleted-", dir=folder.parent))
+                os.rename(folder, apart / "c")
+                hidden.append(apart)
+            _fsync_dir(folder.parent)
     forget()
-    if tombstone is not None:
-        shutil.rmtree(tombstone, ignore_errors=True)
+    for folder in hidden:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def clear_leftovers(root: Path) -> int:

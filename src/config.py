@@ -67,11 +67,13 @@ _ENV_FIELDS: dict[str, str] = {
     "VLLM_GPU_MEMORY_UTILIZATION": "vllm_gpu_memory_utilization",
     "VLLM_MAX_MODEL_LEN": "vllm_max_model_len",
     "VLLM_ENFORCE_EAGER": "vllm_enforce_eager",
+    "VLLM_PROMPT_LOGPROBS": "vllm_prompt_logprobs",
     "VLLM_FALLBACK_RETRY_S": "vllm_fallback_retry_s",
     "VLLM_MAX_NUM_SEQS": "vllm_max_num_seqs",
     "VLLM_MAX_NUM_BATCHED_TOKENS": "vllm_max_num_batched_tokens",
     "MEGATRON_SERVER_URL": "megatron_server_url",
     "TINK_CHECKPOINT_SWEEP_S": "checkpoint_sweep_s",
+    "TINK_SESSION_EXPIRY_S": "session_expiry_s",
     "TINK_DOWNLOAD_URL_TTL_S": "download_url_ttl_s",
     "TINK_URL_SIGNING_SECRET": "url_signing_secret",
     "TINK_PUBLIC_URL": "public_url",
@@ -95,6 +97,9 @@ class Config:
     # the engine, which batches them: fewer threads cap the batch), 16 with HF (it runs one at a time).
     sampling_threads: int | None = None
     retrieve_wait_s: float = 20.0  # long-poll of retrieve_future before answering try_again
+    # A client session not heard from (heartbeat or operation) this long is expired by the sweep (every
+    # TINK_CHECKPOINT_SWEEP_S): its runs are saved and unloaded, so a killed client frees its adapters. 0: never.
+    session_expiry_s: float = 900.0
     # --- checkpoints
     checkpoint_sweep_s: float = 60.0  # how often expired checkpoints (TTL) are removed; also once at start
     download_url_ttl_s: int = 900  # lifetime of a signed download link (external_weights_urls)
@@ -138,6 +143,7 @@ class Config:
     vllm_gpu_memory_utilization: float | None = None  # None: the memory plan on GPU, 0.1 on CPU
     vllm_max_model_len: int | None = None
     vllm_enforce_eager: bool | None = None  # None: True on CPU
+    vllm_prompt_logprobs: str = "auto"  # auto | native | teacher_forced (src/vllm_prompt_logprobs.py)
     vllm_fallback_retry_s: float = 30.0
     vllm_max_num_seqs: int | None = None  # None: vLLM's offline (LLM class) default for the device
     vllm_max_num_batched_tokens: int | None = None
@@ -198,6 +204,9 @@ class Config:
         return config
 
     def validate(self) -> None:
+        if self.vllm_prompt_logprobs not in ("auto", "native", "teacher_forced"):
+            raise ConfigError("VLLM_PROMPT_LOGPROBS must be auto, native or teacher_forced, "
+                              f"got {self.vllm_prompt_logprobs!r}")
         if self.vllm_backend not in ("engine", "server", "trl"):
             raise ConfigError(f"VLLM_BACKEND must be engine, server or trl, got {self.vllm_backend!r}")
         if self.vllm_backend == "server" and not self.vllm_base_url:
@@ -221,6 +230,8 @@ class Config:
                               f"{self.vllm_gpu_memory_utilization}")
         if not self.checkpoint_sweep_s > 0:
             raise ConfigError(f"TINK_CHECKPOINT_SWEEP_S must be > 0 seconds, got {self.checkpoint_sweep_s}")
+        if self.session_expiry_s < 0:
+            raise ConfigError(f"TINK_SESSION_EXPIRY_S must be >= 0 seconds (0: never), got {self.session_expiry_s}")
         if self.download_url_ttl_s < 10:
             raise ConfigError(f"TINK_DOWNLOAD_URL_TTL_S must be >= 10 seconds, got {self.download_url_ttl_s}")
         if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):

@@ -10,20 +10,29 @@ model. The merge is PEFT's `merge_and_unload` (W + scale * B @ A in every adapte
 
 The tinker:// form reads the worker's state (TINK_STATE_DIR); a PEFT adapter folder (e.g. from
 `tinker checkpoint download`) works too.
+
+A worker's export has no record of its own: its folder is the record, so nothing can point at a
+missing export. It goes with its checkpoint (deleted or expired, `Worker._remove_checkpoint`), in the
+same hidden rename; `EXPORTS_IN_PROGRESS` keeps a removal from racing an export being written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .backends import UserInputError
 from .checkpoints import KIND_SEGMENTS, TinkerPath, is_expired, write_atomically
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EXPORTS_DIR = "exports"  # under the state dir: where the HTTP route writes
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -43,6 +52,60 @@ class ExportSource:
 def export_directory(state_dir: Path, path: TinkerPath) -> Path:
     """Where the worker writes the merged export of `path`: `<state_dir>/exports/<model_id>/<kind>/<name>`."""
     return state_dir / EXPORTS_DIR / path.model_id / KIND_SEGMENTS[path.kind] / path.name
+
+
+class ExportInProgressError(Exception):
+    """A live checkpoint whose merged export is being written cannot be removed yet (HTTP 409)."""
+
+
+class ExportsInProgress:
+    """Which merged exports the worker is writing now, keyed by their folder (`export_directory`:
+    one per state dir and checkpoint), so that removing a checkpoint never leaves behind an export
+    finished after it, nor pulls the adapter out from under a merge.
+
+        >>> with EXPORTS_IN_PROGRESS.exporting(folder, find_record) as record: merge_adapter(...)
+        >>> with EXPORTS_IN_PROGRESS.removing(folder, path, wait=False): remove_checkpoint(...)
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._writing: Counter[Path] = Counter()
+
+    @contextmanager
+    def exporting(self, folder: Path, find: Callable[[], T]) -> Iterator[T]:
+        """Count `folder` as being written for the block, which gets `find()` (the checkpoint's record,
+        or its 404). `find` runs under the lock: a removal has either finished (`find` raises) or will
+        see this export."""
+        with self._changed:
+            found = find()
+            self._writing[folder] += 1
+        try:
+            yield found
+        finally:
+            with self._changed:
+                self._writing[folder] -= 1
+                if self._writing[folder] <= 0:
+                    del self._writing[folder]
+                self._changed.notify_all()
+
+    @contextmanager
+    def removing(self, folder: Path, path: str, wait: bool) -> Iterator[None]:
+        """Hold off new exports while the block removes checkpoint `path` and its export `folder`. If
+        that export is being written: wait for it to finish (`wait`), else raise ExportInProgressError."""
+        with self._changed:
+            if self._writing[folder] and not wait:
+                raise ExportInProgressError(
+                    f"checkpoint {path} is being exported (POST /api/v1/export); delete it once the export has "
+                    "finished, so the merged folder is not left without its checkpoint")
+            self._changed.wait_for(lambda: not self._writing[folder])
+            yield
+
+    def is_writing(self, folder: Path) -> bool:
+        with self._changed:
+            return bool(self._writing[folder])
+
+
+EXPORTS_IN_PROGRESS = ExportsInProgress()  # per process, like the worker's state dir it guards
 
 
 def local_source(source: str, state_dir: Path, base_model: str | None = None) -> ExportSource:

@@ -61,6 +61,11 @@ class _SamplingRequest(_Strict):
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # accepted and ignored, as a self-hosted server has no abuse monitoring
     return_token_ids: bool = False  # vLLM's extension: the prompt's and each choice's token ids
+    # Tink's extensions, as on /api/v1/sample: checked there by the same parser (`request_look`), which
+    # needs the model's shape and the caller's named vectors, so they pass through here unchecked.
+    capture: Any = None
+    steer: Any = None
+    capture_format: Any = "json"
 
     @field_validator("stop")
     @classmethod
@@ -99,6 +104,11 @@ class _SamplingRequest(_Strict):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def look_fields(self) -> dict[str, Any]:
+        """`capture`, `steer` and `capture_format` as /api/v1/sample's body carries them."""
+        return {"capture": self.capture, "steer": self.steer, "capture_format": self.capture_format}
 
     @property
     def include_usage(self) -> bool:

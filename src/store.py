@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     project_id   TEXT,
     last_heartbeat_at REAL,
     finished_at  REAL,
-    finish_reason TEXT,                   -- success | errored | interrupted (the client's close)
+    finish_reason TEXT,                   -- success | errored | interrupted (the client's close) | expired
     finish_detail TEXT
 );
 CREATE TABLE IF NOT EXISTS models (
@@ -151,6 +151,7 @@ RESTART_REASON = (
     "The Tink worker restarted before this request finished; nothing of it was applied "
     "after the last completed operation. Submit the request again."
 )
+SESSION_EXPIRED = "expired"  # finish_reason of a session the worker ended: not heard from for TINK_SESSION_EXPIRY_S
 
 
 @dataclass
@@ -251,6 +252,9 @@ class Store:
                 (request_id, model_id, owner, op, "pending", time.time(), sampling_session_id, sampler_clone,
                  model_id, owner, sampling_session_id, owner),
             )
+            # An operation is the session's client speaking, as a heartbeat is (TINK_SESSION_EXPIRY_S).
+            db.execute("UPDATE sessions SET last_heartbeat_at=? WHERE session_id="
+                       "(SELECT session_id FROM futures WHERE request_id=?)", (time.time(), request_id))
 
     def mark_running(self, request_id: str) -> None:
         """The scheduler starts running it now (`started_at`, for the session trace)."""
@@ -374,6 +378,22 @@ class Store:
                 "UPDATE sessions SET finished_at=?, finish_reason=?, finish_detail=? "
                 "WHERE session_id=? AND finished_at IS NULL", (time.time(), reason, detail, session_id))
             return cursor.rowcount == 1
+
+    def expire_idle_sessions(self, heard_before: float, detail: str) -> list[dict[str, Any]]:
+        """Mark `expired` (finish_reason) every open session last heard from (heartbeat, operation or
+        creation) before `heard_before` that has no operation pending or running; return them. One
+        transaction: an operation accepted meanwhile either counts as heard or comes after the mark."""
+        idle = ("finished_at IS NULL AND COALESCE(last_heartbeat_at, created_at) < ? AND NOT EXISTS "
+                "(SELECT 1 FROM futures f WHERE f.session_id = sessions.session_id "
+                "AND f.status IN ('pending','running'))")
+        with self._tx() as db:
+            rows = db.execute(f"SELECT * FROM sessions WHERE {idle}", (heard_before,)).fetchall()
+            db.executemany("UPDATE sessions SET finished_at=?, finish_reason=?, finish_detail=? WHERE session_id=?",
+                           [(time.time(), SESSION_EXPIRED, detail, r["session_id"]) for r in rows])
+        return [_session_row(r) for r in rows]
+
+    def count_expired_sessions(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM sessions WHERE finish_reason=?", (SESSION_EXPIRED,))[0][0])
 
     def session_members(self, session_id: str, owner: str) -> tuple[list[str], list[str]]:
         """(model ids, sampling session ids) opened in the session by its owner, oldest first."""

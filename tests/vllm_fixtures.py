@@ -31,6 +31,10 @@ def vllm_importable() -> bool:
 
 
 LOGPROB_TOL = 1e-4  # vLLM vs HF, fp32 on CPU
+# The session engine's dtype and eagerness: float32 and vLLM's default by default (CPU). On a GPU, vLLM's LoRA
+# kernels want TINK_TEST_VLLM_DTYPE=bfloat16, and capture/steering tests need VLLM_ENFORCE_EAGER=true.
+TEST_DTYPE = os.environ.get("TINK_TEST_VLLM_DTYPE", "float32")
+TEST_EAGER = {"true": True, "false": False}.get(os.environ.get("VLLM_ENFORCE_EAGER", "").lower())
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
 
 
@@ -145,7 +149,8 @@ def vllm_engine(tiny_model_path):
     from src.vllm_backend import VLLMEngineSampler
 
     sampler = VLLMEngineSampler(str(tiny_model_path), max_loras=4, max_lora_rank=8, max_cpu_loras=4,
-                                gpu_memory_utilization=0.1, max_model_len=512, dtype="float32")
+                                gpu_memory_utilization=0.1, max_model_len=512, dtype=TEST_DTYPE,
+                                enforce_eager=TEST_EAGER)
     yield sampler
     sampler.close()
 

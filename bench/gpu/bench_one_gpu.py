@@ -9,6 +9,7 @@ step through the `tinker` SDK and compares each part with the bare library doing
 | sample | 64 prompts x 8 x 256 tokens, the SDK-default adapter (lm_head LoRA included) | `vllm.LLM.generate`, same adapter and memory share |
 | step | forward_backward + optim_step + save_weights_and_get_sampling_client + sample | - |
 | full GRPO step | sample, then forward_backward (importance_sampling) on the 512 sampled sequences, optim_step, save | TRL `GRPOTrainer`, colocated vLLM (bench_trl_grpo.py) |
+| compute_logprobs | 64 sequences x 1,024 tokens under the adapter, all in flight | `LLM.generate` prefill of the same tokens with `prompt_logprobs=0`, base model; and teacher forcing (the old path) in `LLM.generate` |
 
 It also records GPU memory (nvidia-smi, sampled every 0.5 s) at start and at the peak of each
 part, healthz (memory plan, which sampler served), and what a SIGKILL of the worker leaves behind. With
@@ -208,6 +209,8 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
         rec["grpo_step_s"] = round(steps[-1]["forward_backward_s"] + steps[-1]["optim_step_s"]
                                    + rec.data["save_for_sampler_s"] + seconds, 2)
         rec["logprob_gap"] = sampler_vs_trainer(trainer, prompts[:4], results[:4])
+        scored = [[rng.randrange(3, 500) for _ in range(args.score_len)] for _ in range(args.score_seqs)]
+        rec["compute_logprobs"] = compute_logprobs_rate(trainer, sampler, scored)
         if os.environ.get("BENCH_PYSPY"):
             profile_sampling(proc.pid, sampler, prompts, args.samples, params, Path(args.out))
         gpu.mark()
@@ -216,7 +219,7 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
         rec["health_after"] = health()
         adapter = sorted(glob.glob(f"{state}/checkpoints/**/adapter_config.json", recursive=True),
                          key=os.path.getmtime)[-1]
-        return {"adapter": str(Path(adapter).parent), "prompts": prompts,
+        return {"adapter": str(Path(adapter).parent), "prompts": prompts, "scored": scored,
                 "microbatches": trainer_memory.get("last_microbatch_tokens") or [args.seq * args.batch],
                 "checkpointed": bool(trainer_memory.get("last_checkpointed")),
                 "gpu_memory_utilization": rec.data["health_at_start"]["sampler"].get("primary_health", {})
@@ -262,6 +265,29 @@ def full_grpo_step(trainer, prompts, results, sample_s: float) -> dict:
     return {"sequences": len(data), "train_tokens": train_tokens, "sample_s": round(sample_s, 2),
             "forward_backward_s": round(t1 - t0, 2), "train_tok_s": round(train_tokens / (t1 - t0), 1),
             "optim_step_s": round(t2 - t1, 2), "save_s": round(t3 - t2, 2), "step_s": round(sample_s + t3 - t0, 2)}
+
+
+def compute_logprobs_rate(trainer, sampler, sequences) -> dict:
+    """`compute_logprobs` of every sequence, all submitted at once (an RL loop scoring its rollouts), and
+    how far its values are from the trainer's forward on the same weights (saved right after the last step)."""
+    import numpy as np
+    from tinker import types
+
+    sampler.compute_logprobs(types.ModelInput.from_ints(sequences[0][:16])).result()  # warm
+    t0 = time.time()
+    futures = [sampler.compute_logprobs(types.ModelInput.from_ints(s)) for s in sequences]
+    values = [f.result() for f in futures]
+    seconds = time.time() - t0
+    data = [types.Datum(model_input=types.ModelInput.from_ints(s[:-1]),
+                        loss_fn_inputs={"target_tokens": s[1:], "weights": [1.0] * (len(s) - 1)}) for s in sequences[:4]]
+    out = trainer.forward(data, "cross_entropy").result()
+    gaps = np.concatenate([np.abs(np.asarray(o["logprobs"].data, dtype=np.float64) - np.asarray(v[1:], dtype=np.float64))
+                           for o, v in zip(out.loss_fn_outputs, values)])
+    tokens = sum(len(s) for s in sequences)
+    mode = health()["sampler"].get("primary_health", {}).get("prompt_logprobs")
+    return {"sequences": len(sequences), "tokens": tokens, "seconds": round(seconds, 2),
+            "tok_s": round(tokens / seconds, 1), "prompt_logprobs_mode": mode,
+            "vs_trainer": {"tokens": int(gaps.size), "mean": float(gaps.mean()), "max": float(gaps.max())}}
 
 
 def profile_sampling(pid: int, sampler, prompts, samples: int, params, out: Path) -> None:
@@ -322,6 +348,25 @@ def run_direct_vllm(args, model: Path, ref: dict, rec: Recorder) -> None:
     rec["sample_ratio_vs_direct"] = round(rec.data["sample"]["tok_s"] / rec.data["direct_vllm"]["tok_s"], 3)
     rec["sample_ratio_vs_direct_logprobs"] = round(rec.data["sample"]["tok_s"]
                                                    / rec.data["direct_vllm_logprobs"]["tok_s"], 3)
+    # compute_logprobs' reference: a prefill of the same tokens with prompt logprobs, base model, and the
+    # teacher forcing Tink did before (one 1-token request per position), on two of the sequences.
+    scored = [TokensPrompt(prompt_token_ids=s) for s in ref["scored"]]
+    llm.generate(scored[:2], SamplingParams(max_tokens=1, prompt_logprobs=0))
+    t0 = time.time()
+    llm.generate(scored, SamplingParams(max_tokens=1, prompt_logprobs=0))
+    seconds = time.time() - t0
+    tokens = sum(len(s) for s in ref["scored"])
+    rec["direct_vllm_prompt_logprobs"] = {"tokens": tokens, "seconds": round(seconds, 2),
+                                          "tok_s": round(tokens / seconds, 1)}
+    prefixes = [TokensPrompt(prompt_token_ids=s[:t]) for s in ref["scored"][:2] for t in range(1, len(s))]
+    t0 = time.time()
+    llm.generate(prefixes, SamplingParams(max_tokens=1, temperature=0.0, logprobs=1), lora_request=lora)
+    seconds = time.time() - t0
+    rec["direct_vllm_teacher_forced"] = {"tokens": len(prefixes), "seconds": round(seconds, 2),
+                                         "tok_s": round(len(prefixes) / seconds, 1)}
+    if "compute_logprobs" in rec.data:
+        rec["compute_logprobs_ratio_vs_prefill"] = round(rec.data["compute_logprobs"]["tok_s"]
+                                                         / rec.data["direct_vllm_prompt_logprobs"]["tok_s"], 3)
     llm.llm_engine.engine_core.shutdown()
 
 
@@ -379,6 +424,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--score-seqs", type=int, default=64, help="sequences of compute_logprobs")
+    parser.add_argument("--score-len", type=int, default=1024, help="tokens per compute_logprobs sequence")
     parser.add_argument("--orphan-wait-s", type=float, default=5.0)
     parser.add_argument("--skip", default="", help="comma list of: direct, peft")
     args = parser.parse_args()

@@ -4,7 +4,9 @@ embedding module there), an untied tiny Qwen3 and an untied tiny Llama (Tink's v
     PYTHONPATH=. python bench/gpu/lm_head_check.py /tmp/lmh [/models/Qwen2.5-0.5B]
 
 Prints, per prompt, the sampled-token logprob gap vLLM vs HF and how far the adapter moves the logprobs from
-the base model (several nats: the deltas are really applied). On CPU (fp32) every family must be within
+the base model (several nats: the deltas are really applied); then the same for *prompt* logprobs asked
+natively (one prefill, src/vllm_prompt_logprobs.py) by an adapter request and a base request in flight
+together, the batch in which vLLM's own per-request lm_head mapping gives one request the other's adapter. On CPU (fp32) every family must be within
 1e-4. On GPU both sides run bf16 (vLLM's LoRA kernels refuse fp32) and this adapter moves the logits by
 ~6 nats, so the gap is bf16 rounding of that size (0.1-0.3 measured on vLLM 0.26, 2026-12-02); there the
 untied Llama, whose lm_head LoRA vLLM supports natively, is the control: a Qwen family passes when its gap
@@ -12,6 +14,7 @@ is no larger than twice the control's.
 """
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -51,6 +54,15 @@ if __name__ == "__main__":
             worst = max(worst, gap)
             moved = max(abs(a - b) for a, b in zip(seq.logprobs, base_lp))
             print(f"{name}: |vLLM-HF| {gap:.2e}  |adapter-base| {moved:.2e}", flush=True)
+            pair = [SampleJob(tokens, 1, SamplingParams(max_tokens=1), r, prompt_logprobs=True) for r in (ref, None)]
+            with ThreadPoolExecutor(2) as pool:  # both in flight at once: one engine step holds both
+                native = [r.prompt_logprobs[1:] for r in pool.map(engine.sample, pair)]
+            for label, ours, adapter in (("adapter", native[0], ref), ("base", native[1], None)):
+                theirs = hf.compute_logprobs(adapter, tokens)[1:]
+                gap = max(abs(a - b) for a, b in zip(ours, theirs))
+                worst = max(worst, gap)
+                print(f"{name}: prompt logprobs ({engine.prompt_logprobs_mode}, runner {engine.model_runner}), {label} beside "
+                      f"the other: |vLLM-HF| {gap:.2e}", flush=True)
         engine.close()
         del hf
         worst_by_model[name] = worst

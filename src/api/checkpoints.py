@@ -22,6 +22,7 @@ from werkzeug.exceptions import Forbidden
 from ..auth import UrlSigner
 from ..backends import UserInputError
 from ..checkpoints import TinkerPath, is_expired
+from ..export import ExportInProgressError
 from ..wire import parse_json
 from ..worker import NotFoundError
 from .common import caller, json_body, query_int, worker
@@ -61,7 +62,11 @@ def list_run_checkpoints(model_id: str):
 
 @bp.delete(_CHECKPOINT)
 def delete_checkpoint(model_id: str, segment: str, name: str):
-    worker().delete_checkpoint(caller(), _path(model_id, segment, name))
+    """Its files, its record and its merged export go; 409 while that export is being written."""
+    try:
+        worker().delete_checkpoint(caller(), _path(model_id, segment, name))
+    except ExportInProgressError as exc:  # neither a bad request nor a missing one: retry once it finishes
+        return jsonify({"error": str(exc), "field": "checkpoint_id"}), 409
     return "", 204
 
 

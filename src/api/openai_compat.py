@@ -12,10 +12,22 @@ own port, sampled by the same sampler (and the same `Worker.sample_now` path) as
     >>> for chunk in client.chat.completions.create(model="<run>/step-100", stream=True,
     ...                                             messages=[{"role": "user", "content": "hi"}]):
     ...     print(chunk.choices[0].delta.content or "", end="")
+
+Look inside, as on `/api/v1/sample` (src/steering.py): `capture`, `steer` and `capture_format` travel as
+extra body fields (`extra_body=` in the openai client, as vLLM's server takes its own extensions), parsed
+by the same `request_look`. Each choice then carries `captures` (the same list as a completion of
+/api/v1/sample). Streaming sends them once, in the choice's final chunk (the one with its finish_reason):
+captured values exist only when the sampler has finished the sequence (`mean` and `last` reduce over all
+of it), and a client that joins deltas finds them where the choice ends. Steering streams like any request.
+
+    >>> answer = client.chat.completions.create(model="tiny", messages=[...], max_tokens=8, extra_body={
+    ...     "steer": [{"vector_id": "sv-...", "scale": 4}], "capture": [{"layer": 1, "reduce": "mean"}]})
+    >>> answer.choices[0].model_extra["captures"]   # [{"layer": 1, "site": "resid_post", "reduce": "mean", "values": [...]}]
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -28,7 +40,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify
 from werkzeug.exceptions import HTTPException
 
-from ..backends import BackendError, SampleJob, SampleResult, UserInputError
+from ..backends import BackendError, SampleJob, SampleResult, TokenSink, UserInputError
 from ..openai_wire import (
     ChatCompletionRequest,
     ChoiceText,
@@ -39,14 +51,17 @@ from ..openai_wire import (
     error_json,
     usage_json,
 )
+from ..scheduling import Outcome
+from ..steering import LookInside, capture_format, captures_json
 from ..wire import parse_json
-from ..worker import EvalTarget, NotFoundError
+from ..worker import EvalTarget, NotFoundError, Worker
 from .common import caller, json_body, worker
-from .sampling import KEEP_ALIVE, background_events
+from .sampling import KEEP_ALIVE, background_events, request_look
 
 log = logging.getLogger(__name__)
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
+OPENAI_SAMPLE_OP = "openai_sample"  # the operation (future) each prompt of an OpenAI request is sampled as
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 _LIST_PAGE = 1000
 # What the worker's checks call a field -> what an OpenAI client calls it, per endpoint.
@@ -82,7 +97,8 @@ def completions():
     target = _target(req.model)
     tokenizer = _tokenizer()
     prompts = [tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else p for p in req.prompt]
-    jobs = [_job(req, target, prompt, COMPLETION_MAX_TOKENS) for prompt in prompts]
+    look = request_look(req.look_fields, req.sampling_params(COMPLETION_MAX_TOKENS).max_tokens)
+    jobs = [_job(req, target, prompt, COMPLETION_MAX_TOKENS, look) for prompt in prompts]
     return _answer(False, req, jobs)
 
 
@@ -97,7 +113,8 @@ def chat_completions():
     prompt = _chat_prompt([m.for_template() for m in req.messages])
     config = worker().config
     rest_of_context = max(1, min(config.max_sample_tokens, config.max_tokens_per_datum - len(prompt)))
-    return _answer(True, req, [_job(req, target, prompt, rest_of_context)])
+    look = request_look(req.look_fields, req.sampling_params(rest_of_context).max_tokens)
+    return _answer(True, req, [_job(req, target, prompt, rest_of_context, look)])
 
 
 def unauthenticated() -> tuple[Response, int]:
@@ -185,9 +202,9 @@ def _chat_prompt(messages: list[dict[str, str]]) -> list[int]:
 
 
 def _job(req: CompletionRequest | ChatCompletionRequest, target: EvalTarget, prompt: list[int],
-         default_max_tokens: int) -> SampleJob:
+         default_max_tokens: int, look: LookInside | None) -> SampleJob:
     job = SampleJob(prompt=prompt, num_samples=req.n, params=req.sampling_params(default_max_tokens),
-                    adapter=target.adapter, topk_sample_logprobs=req.top_logprob_count or 0)
+                    adapter=target.adapter, topk_sample_logprobs=req.top_logprob_count or 0, look=look)
     worker().check_sample(job)  # limits (TINK_MAX_*), before anything is sampled or streamed
     return job
 
@@ -202,6 +219,7 @@ class _Answer:
         tokenizer = _tokenizer()
         self.chat, self.req, self.jobs = chat, req, jobs
         self.top = req.top_logprob_count
+        self.capture_format = capture_format(req.look_fields)  # checked here, before a stream starts
         self.fields: dict[str, str] = g.openai_fields  # for errors on the streaming thread, outside the request
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                      "model": req.model}
@@ -234,6 +252,9 @@ class _Answer:
             choice = self.choice(prompt * self.req.n + sample, piece, text.finish_reason(seq), streamed)
             if self.req.return_token_ids:
                 choice.update(token_ids=list(seq.tokens), prompt_token_ids=self.jobs[prompt].prompt)
+            look = self.jobs[prompt].look
+            if look is not None and look.capture:  # the choice's last chunk when streaming (module docstring)
+                choice["captures"] = captures_json(seq.captures, look, self.capture_format)
             choices.append(choice)
             self.completion_tokens += len(seq.tokens)
         return choices
@@ -253,9 +274,9 @@ def _answer(chat: bool, req: CompletionRequest | ChatCompletionRequest, jobs: li
     answer = _Answer(chat, req, jobs)
     if req.stream:
         return _stream(answer)
-    w, texts, choices = worker(), {}, []
-    for prompt, job in enumerate(jobs):
-        choices += answer.finished(prompt, w.sample_now(job), texts, streamed=False)
+    texts, choices = {}, []
+    for prompt, out in enumerate(_sample_together(worker(), caller().owner, jobs)):
+        choices += answer.finished(prompt, out, texts, streamed=False)
     return jsonify({**answer.head, "object": "chat.completion" if chat else "text_completion",
                     "choices": choices, "usage": answer.usage()})
 
@@ -266,13 +287,15 @@ def _stream(answer: _Answer) -> Response:
     # The sampler reports top-k alternatives only with the finished sequence: then each choice comes whole.
     per_token = not req.top_logprob_count
 
-    def produce(events: queue.Queue) -> None:
-        try:
-            for prompt, job in enumerate(answer.jobs):
-                def sink(sample: int, tokens: list[int], logprobs: list[float], prompt: int = prompt) -> None:
-                    events.put(("tokens", prompt, sample, tokens, logprobs))
+    owner = caller().owner
 
-                events.put(("result", prompt, w.sample_now(job, sink if per_token else None)))
+    def produce(events: queue.Queue) -> None:
+        def sink(prompt: int) -> TokenSink:
+            return lambda sample, tokens, logprobs: events.put(("tokens", prompt, sample, tokens, logprobs))
+
+        try:  # the prompts sample together; chunks of different prompts interleave, each under its own index
+            _sample_together(w, owner, answer.jobs, sink if per_token else None,
+                             lambda prompt, out: events.put(("result", prompt, out)))
         except UserInputError as exc:
             events.put(("error", error_json(str(exc), _param(exc.field, answer.fields), 400)))
         except Exception as exc:  # the status line is sent already: the failure travels as a chunk
@@ -307,6 +330,57 @@ def _stream(answer: _Answer) -> Response:
 
     return Response(serve(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache",
                                                                     "X-Accel-Buffering": "no"})
+
+
+def _sample_together(w: Worker, owner: str, jobs: list[SampleJob], sink: Callable[[int], TokenSink] | None = None,
+                     done: Callable[[int, SampleResult], None] | None = None) -> list[SampleResult]:
+    """Sample every prompt of one request at once: each goes to the worker's sampling pool
+    (TINK_SAMPLING_THREADS) as an `/api/v1/asample` does, so vLLM batches them; the results come in
+    prompt order (`done(prompt, result)` as each finishes). If one fails, the prompts not started yet are
+    cancelled and the started ones finish before its error (the first, in prompt order) is raised: the
+    request gets one error, and no work of it is left running."""
+    results: list[SampleResult | None] = [None] * len(jobs)
+    errors: dict[int, BaseException] = {}
+
+    def operation(prompt: int) -> Outcome:
+        try:
+            results[prompt] = w.sample_now(jobs[prompt], sink(prompt) if sink is not None else None)
+        except BaseException as exc:
+            errors[prompt] = exc
+            raise  # the scheduler fails this prompt's future (and logs a backend failure)
+        if done is not None:
+            done(prompt, results[prompt])
+        return Outcome("json", json.dumps({"type": OPENAI_SAMPLE_OP, "prompt_index": prompt}).encode())
+
+    request_ids: list[str] = []
+    try:
+        for prompt in range(len(jobs)):
+            request_ids.append(w.scheduler.submit_sampling(OPENAI_SAMPLE_OP, owner, functools.partial(operation, prompt)))
+        for request_id in request_ids:
+            _wait(w, request_id)
+            if errors:
+                break
+    except BaseException:  # e.g. the worker began shutting down between two prompts
+        _cancel_and_wait(w, request_ids)
+        raise
+    if errors:
+        _cancel_and_wait(w, request_ids)
+        raise errors[min(errors)]
+    return results  # type: ignore[return-value]  # every prompt finished without an error
+
+
+def _cancel_and_wait(w: Worker, request_ids: list[str]) -> None:
+    """Cancel the futures not started yet; wait for the started ones (they are never interrupted)."""
+    for request_id in request_ids:
+        w.scheduler.cancel(request_id)
+    for request_id in request_ids:
+        _wait(w, request_id)
+
+
+def _wait(w: Worker, request_id: str) -> None:
+    """Until the sampling future `request_id` has finished (done, failed or cancelled)."""
+    while w.scheduler.wait(request_id, 60).status in ("pending", "running"):
+        pass
 
 
 def _sampler_checkpoints(owner: str | None) -> Iterator[dict[str, Any]]:

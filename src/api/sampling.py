@@ -15,7 +15,7 @@ from tinker import types as sdk
 
 from ..backends import SampledSequence, SampleJob, SampleResult, UserInputError
 from ..evaluation import logprob_gap
-from ..steering import capture_format, captures_json, model_dims, parse_look
+from ..steering import LookInside, capture_format, captures_json, look_sampler, model_dims, parse_look
 from ..wire import parse_json, sample_job_from_request, sampling_params_from_sdk
 from ..worker import EvalTarget, Worker
 from .common import caller, future, json_body, worker
@@ -131,7 +131,7 @@ def _sample_jobs(body: dict[str, Any], target: EvalTarget) -> list[tuple[str, Sa
     params = sampling_params_from_sdk(parse_json(sdk.SamplingParams, body.get("sampling_params") or {},
                                                  "sampling_params"))
     tokenizer = current_app.extensions["tink.tokenizer"]()
-    look = _look(body, params.max_tokens)
+    look = request_look(body, params.max_tokens)
     jobs = [(text, SampleJob(prompt=tokenizer.encode(text, add_special_tokens=True), num_samples=num_samples,
                              params=params, adapter=target.adapter,
                              prompt_logprobs=_flag(body, "prompt_logprobs"), look=look))
@@ -141,15 +141,20 @@ def _sample_jobs(body: dict[str, Any], target: EvalTarget) -> list[tuple[str, Sa
     return jobs
 
 
-def _look(body: dict[str, Any], max_tokens: int) -> Any:
-    """The body's `capture` / `steer` (src/steering.py), validated against the base model's shape."""
+def request_look(body: dict[str, Any], max_tokens: int) -> LookInside | None:
+    """The body's `capture` / `steer` (src/steering.py), validated against the base model's shape, `vector_id`s
+    resolved among the caller's named vectors. Where this worker's sampler cannot look inside, the 400 naming
+    `capture` comes now, before a stream starts. Shared by `/api/v1/sample` and the OpenAI endpoints."""
     if not body.get("capture") and not body.get("steer"):
         return None
     from .steering import vectors
 
     w = worker()
-    return parse_look(body, model_dims(w.base_model), max_tokens, w.config.capture_all_max_tokens,
+    look = parse_look(body, model_dims(w.base_model), max_tokens, w.config.capture_all_max_tokens,
                       vectors().lookup(caller()))
+    if look is not None:
+        look_sampler(w.sampler)  # raises the UserInputError the sampling would raise later
+    return look
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:

@@ -25,8 +25,9 @@ from werkzeug.exceptions import Forbidden
 from ..auth import UrlSigner
 from ..backends import UserInputError
 from ..session_trace import build_trace
+from ..store import SESSION_EXPIRED
 from ..wire import FinishSessionRequest, parse_json
-from ..worker import NotFoundError
+from ..worker import GoneError, NotFoundError
 from .common import caller, json_body, query_int, worker
 
 bp = Blueprint("sessions", __name__, url_prefix="/api/v1")
@@ -52,8 +53,16 @@ def create_session():
 
 @bp.post("/session_heartbeat")
 def session_heartbeat():
+    """Keeps the session from expiring (TINK_SESSION_EXPIRY_S). A finished session is never revived:
+    410, on which the SDK stops its heartbeat loop."""
     req = parse_json(sdk.SessionHeartbeatRequest, json_body())
-    visible_session(req.session_id, "owned")
+    record = visible_session(req.session_id, "owned")
+    if record["finish_reason"] == SESSION_EXPIRED:
+        raise GoneError(f"session {req.session_id!r} expired ({record['finish_detail']}); its training runs "
+                        "were saved and unloaded: create a new ServiceClient", "session_id")
+    if record["finish_reason"]:
+        raise GoneError(f"session {req.session_id!r} was closed by its client ({record['finish_reason']})",
+                        "session_id")
     worker().store.touch_session(req.session_id)
     return jsonify({"type": "session_heartbeat"})
 
@@ -170,7 +179,10 @@ def visible_session(session_id: str, access_scope: str) -> dict[str, Any]:
 
 
 def session_status(record: dict[str, Any], now: float) -> sdk.SessionStatus | None:
-    """Finished once its client closed it; active while it heartbeats; else unknown (None)."""
+    """Cancelled once the worker expired it (the SDK's status for a session ended server-side);
+    finished once its client closed it; active while it heartbeats; else unknown (None)."""
+    if record["finish_reason"] == SESSION_EXPIRED:
+        return sdk.SessionCancelled(detail=f"expired: {record['finish_detail']}")
     if record["finish_reason"]:
         return sdk.ClientSessionFinished(reason={"type": record["finish_reason"]}, detail=record["finish_detail"])
     if now - (record["last_heartbeat_at"] or record["created_at"]) <= ACTIVE_WITHIN_S:

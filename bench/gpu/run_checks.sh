@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device session's GPU checks, in priority order, detached (the whole run is longer than one call):
+#
+#   setsid nohup bash bench/gpu/run_checks.sh /tmp/checks "steering one_gpu lm_head multi" > /tmp/checks.log 2>&1 < /dev/null &
+#
+# steering : run_steering.sh: bench_steering.py on the models built so far (first: the 0.5B shape), then
+#            tests/test_steering_vllm.py on vLLM 0.26 in bf16, eager
+# one_gpu  : bench_one_gpu.py at 7B (sampling, compute_logprobs, training, against direct vLLM and bare PEFT)
+# lm_head  : lm_head_check.py (sampled and native prompt logprobs through lm_head LoRA, per family, vs HF+PEFT),
+#            on vLLM's Model Runner V2 (lm_head_v1: the same on V1)
+# multi    : bench_multi_adapter.py, 8 adapters x 8 x 512 joined vs one by one vs 1 adapter x 64, at 0.5B and 7B
+# Each step writes into <out>/<step>; <out>/DONE marks the end. vLLM's pieces must be in /tmp/vp and the
+# wheels in .whl (see bench/gpu/README.md).
+set -u
+out=${1:-/tmp/checks}
+steps=" ${2:-steering one_gpu lm_head multi lm_head_v1} "
+mkdir -p "$out"
+source bench/gpu/device_env.sh || exit 1
+export PATH="/tmp/site/bin:$PATH"
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+python3 -c "import vllm; print('vllm', vllm.__version__)" > "$out/imports.log" 2>&1
+small=/tmp/b-0.5b/model-0.5b big=/tmp/b-7b/model-7b  # where bench_one_gpu.py puts them
+python3 -c "
+import sys; sys.path.insert(0, 'bench/gpu'); from pathlib import Path
+from bench_one_gpu import SHAPES, build_model
+build_model(Path('$small'), SHAPES['0.5b'])" > "$out/build.log" 2>&1
+for step in $steps; do
+  echo "$(date +%T) $step" >> "$out/steps.log"
+  mkdir -p "$out/$step"
+  case $step in
+    steering) timeout 1200 bash bench/gpu/run_steering.sh "$out/steering" > "$out/steering/run.log" 2>&1 ;;
+    one_gpu)
+      timeout 1500 python3 bench/gpu/bench_one_gpu.py --shape 7b --out /tmp/b-7b ${ONE_GPU_ARGS:-} > "$out/one_gpu/bench.log" 2>&1
+      cp /tmp/b-7b/bench_one_gpu_7b.json /tmp/b-7b/serve.log "$out/one_gpu/" 2>/dev/null ;;
+    lm_head)  # on Model Runner V2, vLLM 0.26's GPU default (an eager engine gets V1 from Tink: lm_head_v1)
+      VLLM_USE_V2_MODEL_RUNNER=1 PYTHONPATH=.:/tmp/site timeout 900 python3 bench/gpu/lm_head_check.py /tmp/lmh \
+        > "$out/lm_head/check.log" 2>&1 ;;
+    lm_head_v1) PYTHONPATH=.:/tmp/site timeout 900 python3 bench/gpu/lm_head_check.py /tmp/lmh > "$out/lm_head_v1/check.log" 2>&1 ;;
+    multi)
+      for model in "$small" "$big"; do
+        [ -d "$model" ] || continue
+        timeout 900 python3 bench/bench_multi_adapter.py --device cuda --dtype bfloat16 --shapes "$model" --models 8 \
+          --seqs 8 --min-len 512 --max-len 512 --rank 32 --repeats 2 --checkpointing auto >> "$out/multi/bench.log" 2>&1
+      done ;;
+  esac
+done
+echo "$(date +%T) end" >> "$out/steps.log"
+touch "$out/DONE"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 14's GPU evidence on a device machine, from the repo root, once vLLM 0.26.0 and the wheels are in
+# place as for run_one_gpu.sh (device_env.sh installs them into /tmp/site on first use) and the models exist
+# (bench_one_gpu.py's build_model: /tmp/b-7b/model-7b, and /tmp/b-0.5b/model-0.5b when present):
+#
+#   setsid nohup bash bench/gpu/run_steering.sh /tmp/steer > /tmp/steer.log 2>&1 < /dev/null &
+#
+# Per model: bench_steering.py (eager with the look-inside patch unused, the same with TINK_LOOK_INSIDE=0,
+# steered + capturing, mixed, CUDA graphs) into <out>/steer-<shape>.json and its engine logs; then
+# tests/test_steering_vllm.py on the GPU (bf16: vLLM's GPU LoRA kernels want it; eager: hooks need it).
+# Detached because it can outlast one device call; later calls wait for <out>/DONE.
+set -u
+out=${1:-/tmp/steer}
+mkdir -p "$out"
+source bench/gpu/device_env.sh || exit 1
+export PATH="/tmp/site/bin:$PATH"
+python3 -c "import vllm; from importlib.metadata import entry_points as e; \
+print('vllm', vllm.__version__, 'plugins', [p.value for p in e(group='vllm.general_plugins')])" > "$out/imports.log" 2>&1
+nvidia-smi > "$out/nvidia-smi.log" 2>&1
+for shape in 7b 0.5b; do
+  model=/tmp/b-$shape/model-$shape
+  [ -f "$model/config.json" ] || { echo "no $model: skipped" >> "$out/skipped.log"; continue; }
+  timeout 1500 python3 bench/gpu/bench_steering.py --model "$model" --out "$out/$shape/steer-$shape.json" \
+      ${BENCH_ARGS:-} > "$out/bench-$shape.log" 2>&1
+  echo "bench $shape exit $?" >> "$out/exit.log"
+done
+PYTHONPATH=.:/tmp/site TINK_TEST_VLLM_DTYPE=bfloat16 VLLM_ENFORCE_EAGER=true timeout 900 python3 -m pytest tests/test_steering_vllm.py \
+    -v -p no:cacheprovider > "$out/pytest-steering-vllm.log" 2>&1
+echo "pytest exit $?" >> "$out/exit.log"
+touch "$out/DONE"
