@@ -301,9 +301,10 @@ class HFHooks:
 
     def _record(self, indices: list[int], hidden: Any) -> None:
         # Only positions that predict a generated token: the last prompt token and the generated ones.
+        # Kept on the model's device (a copy: no sync per step), reduced there once `generate` is done.
         first = max(0, self.prompt_len - 1 - self.offset)
         if first < hidden.shape[1]:
-            chunk = hidden[:, first:].float().cpu()
+            chunk = hidden[:, first:].detach().to(self._torch.float32, copy=True)
             for i in indices:
                 self.rows[i].append(chunk)
 
@@ -332,8 +333,14 @@ class HFHooks:
         """Per row, per capture: the reduced float32 values over that row's first `ends[row]` generated tokens."""
         out: list[list[np.ndarray]] = [[] for _ in ends]
         for spec, chunks in zip(self.look.capture, self.rows):
-            stacked = self._torch.cat(chunks, dim=1).numpy() if chunks else None
+            stacked = self._torch.cat(chunks, dim=1) if chunks else None
             for row, end in enumerate(ends):
-                rows = stacked[row, :end] if stacked is not None else np.zeros((0, 0), dtype=np.float32)
-                out[row].append(reduce_rows(np.ascontiguousarray(rows, dtype=np.float32), spec.reduce))
+                if stacked is None:
+                    out[row].append(reduce_rows(np.zeros((0, 0), dtype=np.float32), spec.reduce))
+                    continue
+                rows = stacked[row, :end]
+                if spec.reduce != "all" and len(rows):  # only the reduced row leaves the device
+                    rows = rows[-1:] if spec.reduce == "last" else rows.double().mean(0, keepdim=True).float()
+                reduced = reduce_rows(rows.cpu().numpy(), spec.reduce)
+                out[row].append(np.ascontiguousarray(reduced, dtype=np.float32))
         return out

@@ -150,9 +150,12 @@ def sampling_kwargs(p: SamplingParams, n: int, topk: int = 0) -> dict[str, Any]:
     likely tokens (`topk_sample_logprobs`); `ignore_eos` keeps generating past EOS when the client
     sent `stop=[]`.
     """
+    # flat_logprobs: vLLM keeps each sequence's logprobs in a few flat lists instead of a dict and a
+    # Logprob object per token, which the engine's output loop builds for every token of every sequence.
     kwargs: dict[str, Any] = dict(n=n, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
                                   top_k=p.top_k if p.top_k > 0 else -1, seed=p.seed, logprobs=topk,
-                                  stop_token_ids=list(p.stop_token_ids), ignore_eos=not p.stop_at_eos)
+                                  stop_token_ids=list(p.stop_token_ids), ignore_eos=not p.stop_at_eos,
+                                  flat_logprobs=FLAT_LOGPROBS)
     if p.stop_strings:
         kwargs["stop"] = list(p.stop_strings)
     return kwargs
@@ -636,6 +639,9 @@ class VLLMEngineSampler:
 
 
 _REQUEST_IDS = itertools.count()
+# Sampled logprobs as vLLM's FlatLogprobs (see sampling_kwargs): off, vLLM's default, until a GPU run shows the
+# gain (`bench/bench_sampling.py --flat-ab`; on CPU the tiny model showed none: 0.94x, within noise).
+FLAT_LOGPROBS = False
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
@@ -655,7 +661,7 @@ def _stream_deltas(sink: TokenSink, copies: int) -> Callable[[Any], None]:
             if len(tokens) <= start:
                 continue
             sent[completion.index] = len(tokens)
-            logprobs = [_picked(p, t) for p, t in zip((completion.logprobs or [])[start:], tokens[start:])]
+            logprobs = sampled_logprobs((completion.logprobs or [])[start:], tokens[start:])
             for copy in range(copies):
                 sink(completion.index * copies + copy, tokens[start:], logprobs)
 
@@ -686,6 +692,15 @@ def write_identity_adapter(base_model: str, directory: str) -> Path:
     return out
 
 
+def sampled_logprobs(positions: Any, tokens: list[int]) -> list[float]:
+    """The logprob of each sampled token. vLLM's FlatLogprobs holding exactly the sampled tokens (logprobs=0)
+    are read as they are; else (top-k asked too, or per-position dicts) each position is looked up."""
+    flat, ids = getattr(positions, "logprobs", None), getattr(positions, "token_ids", None)
+    if isinstance(flat, list) and len(flat) == len(positions) == len(tokens) and ids == tokens:
+        return [float(x) for x in flat]
+    return [_picked(position, token) for position, token in zip(positions, tokens)]
+
+
 def _picked(position: Any, token: int) -> float:
     """The logprob of `token` from one position's {token_id: Logprob} map."""
     return float(position[token].logprob)
@@ -696,7 +711,7 @@ def _result(out: Any, prompt_fields: dict[str, Any], copies: int = 1, topk: int 
     for completion in sorted(out.outputs, key=lambda c: c.index):
         tokens = list(completion.token_ids)
         positions = completion.logprobs or []
-        logprobs = [_picked(position, token) for position, token in zip(positions, tokens)]
+        logprobs = sampled_logprobs(positions, tokens)
         top = ([top_entries({int(t): float(lp.logprob) for t, lp in position.items()}, topk) for position in positions]
                if topk else None)
         for _ in range(copies):

@@ -187,6 +187,25 @@ def test_prompt_logprobs_mode_follows_the_setting():
         prompt_logprobs_mode("fast", enable_lora=True)
 
 
+def test_flat_logprobs_give_the_same_results(engine, vllm_adapters, monkeypatch):
+    """vLLM's FlatLogprobs (src/vllm_backend.py FLAT_LOGPROBS, measured by bench_sampling.py --flat-ab) change
+    nothing a client sees: the same seeded tokens and logprobs, top-k included."""
+    from src import vllm_backend
+
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=5)
+    jobs = [SampleJob(PROMPTS[0], 3, params, vllm_adapters["a"]), SampleJob(PROMPTS[1], 2, params, None,
+                                                                             topk_sample_logprobs=3)]
+    results = {}
+    for flat in (False, True):
+        monkeypatch.setattr(vllm_backend, "FLAT_LOGPROBS", flat)
+        results[flat] = [engine.sample(job) for job in jobs]
+    for plain, flat in zip(results[False], results[True]):
+        for a, b in zip(plain.sequences, flat.sequences):
+            assert a.tokens == b.tokens and a.logprobs == pytest.approx(b.logprobs, abs=1e-6)
+            assert a.topk_logprobs == b.topk_logprobs
+    assert vllm_backend.sampled_logprobs([], []) == []
+
+
 @pytest.mark.parametrize("params", [dict(temperature=0.7), dict(temperature=1.0, top_k=20),
                                     dict(temperature=0.9, top_p=0.8)])
 def test_sampled_logprobs_are_of_the_processed_distribution(engine, vllm_adapters, tiny_model_path, params):
