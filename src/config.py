@@ -24,8 +24,6 @@ def default_home() -> Path:
 
 
 # Env var name → Config field. Kept explicit so CONFIGURATION.md and the code agree.
-PROMPT_LOGPROBS_MODES = ("auto", "native", "teacher_forced")  # VLLM_PROMPT_LOGPROBS (src/vllm_backend.py)
-
 _ENV_FIELDS: dict[str, str] = {
     "TINK_HOST": "host",
     "TINK_PORT": "port",
@@ -206,7 +204,7 @@ class Config:
         return config
 
     def validate(self) -> None:
-        if self.vllm_prompt_logprobs not in PROMPT_LOGPROBS_MODES:
+        if self.vllm_prompt_logprobs not in ("auto", "native", "teacher_forced"):
             raise ConfigError("VLLM_PROMPT_LOGPROBS must be auto, native or teacher_forced, "
                               f"got {self.vllm_prompt_logprobs!r}")
         if self.vllm_backend not in ("engine", "server", "trl"):
