@@ -24,6 +24,8 @@ def default_home() -> Path:
 
 
 # Env var name → Config field. Kept explicit so CONFIGURATION.md and the code agree.
+PROMPT_LOGPROBS_MODES = ("auto", "native", "teacher_forced")  # VLLM_PROMPT_LOGPROBS (src/vllm_backend.py)
+
 _ENV_FIELDS: dict[str, str] = {
     "TINK_HOST": "host",
     "TINK_PORT": "port",
@@ -204,7 +206,7 @@ class Config:
         return config
 
     def validate(self) -> None:
-        if self.vllm_prompt_logprobs not in ("auto", "native", "teacher_forced"):
+        if self.vllm_prompt_logprobs not in PROMPT_LOGPROBS_MODES:
             raise ConfigError("VLLM_PROMPT_LOGPROBS must be auto, native or teacher_forced, "
                               f"got {self.vllm_prompt_logprobs!r}")
         if self.vllm_backend not in ("engine", "server", "trl"):

@@ -155,6 +155,7 @@ class Scheduler:
                 return False
             self._waiting.discard(request_id)
             self._drop_queued(request_id)
+        self._count_finished(request_id, "cancelled")
         self._store.cancel_future(request_id, CANCEL_REASON)
         self._finished(request_id, "cancelled")
         return True
@@ -201,11 +202,16 @@ class Scheduler:
                                longest_training_queue=max(lengths, default=0),
                                running=len(self._accepted) - len(self._waiting))
 
-    def _finished(self, request_id: str, status: str) -> None:
+    def _count_finished(self, request_id: str, status: str) -> None:
+        """Tell the observer once (later calls do nothing). Called before the store shows the outcome,
+        so a client that has read its result also finds the operation in /metrics."""
         with self._cond:
             accepted = self._accepted.pop(request_id, None)
         if accepted is not None and self._observer is not None:
             self._observer.operation_finished(accepted[0], status, time.monotonic() - accepted[1])
+
+    def _finished(self, request_id: str, status: str) -> None:
+        self._count_finished(request_id, status)
         event = self._done_events.pop(request_id, None)
         if event is not None:
             event.set()
@@ -298,15 +304,18 @@ class Scheduler:
             if not marked_running:
                 self._store.mark_running(request_id)
             outcome = operation()
+            self._count_finished(request_id, "done")
             self._store.finish_future(request_id, outcome.kind, outcome.payload)
             status = "done"
         except UserInputError as exc:
+            self._count_finished(request_id, status)
             self._store.fail_future(request_id, _user_message(exc), "user")
         # BaseException too: anything escaping would kill the training thread (every model's queue
         # would stall) or leave this future `running` for ever; it fails this future only.
         except BaseException as exc:
             log.error("operation %s (%s) failed:\n%s", request_id, what, traceback.format_exc())
             _free_accelerator_memory()
+            self._count_finished(request_id, status)
             self._store.fail_future(request_id, _backend_message(what, request_id, exc), "server")
         finally:
             self._finished(request_id, status)
@@ -327,6 +336,7 @@ class Scheduler:
             self._ready.clear()
             self._waiting.difference_update(abandoned)
         for request_id in abandoned:
+            self._count_finished(request_id, "failed")
             self._store.fail_future(request_id, SHUTDOWN_REASON, "server")
             self._finished(request_id, "failed")
         if abandoned:

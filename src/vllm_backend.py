@@ -238,12 +238,15 @@ def prompt_answers(job: SampleJob, queries: list[PromptQuery], answers: Sequence
 def prompt_logprobs_mode(asked: str, enable_lora: bool) -> str:
     """"native" (one prefill per sequence) or "teacher_forced" (one 1-token request per position): native
     without LoRA, and with LoRA where Tink's per-token lm_head fix is in vLLM (src/vllm_prompt_logprobs.py)."""
+    from .config import PROMPT_LOGPROBS_MODES
     from .vllm_prompt_logprobs import installed
 
-    if asked not in ("auto", "native", "teacher_forced"):
+    if asked not in PROMPT_LOGPROBS_MODES:
         raise ValueError(f"VLLM_PROMPT_LOGPROBS must be auto, native or teacher_forced, got {asked!r}")
-    if not enable_lora or asked == "teacher_forced":
-        return "native" if not enable_lora else "teacher_forced"
+    if not enable_lora:
+        return "native"  # no adapter, nothing for vLLM to get wrong
+    if asked == "teacher_forced":
+        return asked
     fixed = installed()
     if asked == "native" and not fixed:
         log.warning("vllm sampler: VLLM_PROMPT_LOGPROBS=native without Tink's vLLM plugin: prompt logprobs of "
@@ -492,8 +495,7 @@ class VLLMEngineSampler:
         vLLM's V1 model runner only (the one src/steering_vllm.py patches)."""
         from .vllm_plugin import look_inside_enabled
 
-        return (bool(self._args.enforce_eager) and look_inside_enabled()
-                and os.environ.get(V2_RUNNER_ENV, "0").lower() in ("0", "false"))
+        return bool(self._args.enforce_eager) and look_inside_enabled() and self.model_runner != "v2"
 
     async def _take_captures(self, look_id: str, result: SampleResult, copies: int) -> None:
         """Fetch (and free) the request's captured values from the engine's worker (rank 0) into `result`."""

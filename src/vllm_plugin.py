@@ -96,14 +96,8 @@ def enable_lm_head_lora() -> None:
     Classes already imported are patched now; the others when vLLM imports them (a post-import
     hook), so a process that never builds a Qwen2 model does not pay the ~3 s import.
     """
-    waiting = {}
     for module_name, classes in LM_HEAD_LORA_CLASSES.items():
-        if module_name in sys.modules:
-            _add_lm_head(sys.modules[module_name], classes)
-        else:
-            waiting[module_name] = classes
-    if waiting:
-        sys.meta_path.insert(0, _AfterImport(waiting, _add_lm_head))
+        _patch_when_imported(module_name, _add_lm_head, classes)
 
 
 def look_inside_enabled() -> bool:
@@ -130,11 +124,13 @@ def enable_per_token_prompt_lora() -> None:
     _patch_when_imported(V2_MODULE, patch_v2)
 
 
-def _patch_when_imported(module_name: str, patch: Callable[[ModuleType, tuple[str, ...]], None]) -> None:
+def _patch_when_imported(module_name: str, patch: Callable[[ModuleType, tuple[str, ...]], None],
+                         targets: tuple[str, ...] = ()) -> None:
+    """`patch(module, targets)` now if the module is imported, else right after vLLM imports it."""
     if module_name in sys.modules:
-        patch(sys.modules[module_name], ())
+        patch(sys.modules[module_name], targets)
     else:
-        sys.meta_path.insert(0, _AfterImport({module_name: ()}, patch))
+        sys.meta_path.insert(0, _AfterImport({module_name: targets}, patch))
 
 
 def _add_lm_head(module: ModuleType, classes: tuple[str, ...]) -> None:

@@ -40,9 +40,9 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
 
 
 def settled(url: str, timeout: float = 10.0) -> Samples:
-    """A scrape once no future is pending or running (or after `timeout`): a client may read a result
-    from the store an instant before the scheduler counts its operation finished, and closing a session
-    queues the unloading of its models."""
+    """A scrape once no future is pending or running (or after `timeout`): closing a session queues the
+    unloading of its models. (The scheduler counts an operation before the store shows its outcome, so
+    a finished future is always in the counters; CI once caught the reverse order.)"""
     deadline = time.monotonic() + timeout
     while True:
         samples = scrape(url)

@@ -94,7 +94,9 @@ def test_an_abandoned_session_is_expired_its_runs_saved_and_unloaded(expiring, c
         expired_before = requests.get(f"{expiring.url}/api/v1/healthz", timeout=30).json()["sessions"]["expired"]
 
         wait_for(lambda: session(expiring, session_id)["finish_reason"] == "expired", 30, "session expired")
-        wait_for(lambda: worker.store.get_model(tc.model_id)["unloaded"], 30, "run unloaded")
+        # each run's unload waits in that run's own queue: they finish in either order
+        wait_for(lambda: all(worker.store.get_model(m)["unloaded"] for m in (tc.model_id, second.model_id)),
+                 30, "both runs unloaded")
         assert not worker.trainer.has_adapter(tc.model_id) and not worker.trainer.has_adapter(second.model_id)
         runs = {m["model_id"]: m["unloaded"] for m in worker.store.list_models(None, include_unloaded=True)}
         assert runs[tc.model_id] == 1 and runs[second.model_id] == 1, "the runs stay listed, unloaded"
