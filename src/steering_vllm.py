@@ -19,8 +19,11 @@ touch only its own rows, so steered, unsteered and differently-adapted requests 
 
 vLLM's Llama-style layers return `(hidden, residual)` with the residual add deferred into the next
 layer's fused norm: the residual stream after the layer is their sum. Steering adds to `hidden`
-(equivalent), capturing reads the sum. Hooks need an eager engine (`enforce_eager`, the default on
-CPU): a CUDA graph replays kernels without calling Python. A steered request carries a `cache_salt`
+(equivalent), capturing reads the sum. These hooks need an eager engine (`enforce_eager`, the default on
+CPU): a CUDA graph replays kernels without calling Python. With TINK_LOOK_INSIDE=static the model gets
+src/steering_static.py's hooks at load instead (fixed tensor operations on persistent buffers, which
+torch.compile traces and CUDA graphs replay); `_plan_step` then fills those buffers for the step and
+`execute_model` reads the captured rows after the forward. A steered request carries a `cache_salt`
 derived from its steering, so its prompt's KV blocks are never shared with other requests' through the
 prefix cache (a request that only captures needs no salt: the rows it reads are always recomputed).
 """
@@ -39,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from .steering import SITES, LookInside, reduce_rows
+from .steering_static import PendingCaptures, StaticLook
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +117,7 @@ class _RequestLook:
     look: LookInside
     prompt_len: int
     rows: list[_Rows] = field(default_factory=list)
+    newest: int = -1  # the last position a static capture read (src/steering_static.py)
 
 
 @dataclass
@@ -129,11 +134,14 @@ _plan: list[_Slice] | None = None  # the current step's looking requests; None: 
 _looking: set[str] = set()  # live vLLM request ids that look inside: while empty, steps skip planning
 _disabled = False  # set when this vLLM's internals are not what the patch reads: the engine serves on
 _hooked: set[int] = set()  # id() of the models that carry the hooks
+_pending: PendingCaptures | None = None  # a static step's captures, read after its forward
+STATIC_ATTR = "_tink_static_look"  # the runner's StaticLook, when TINK_LOOK_INSIDE=static
 
 
 def install() -> dict[str, Any]:
     """{module name: patch(module, targets)} for the plugin's post-import hook (see src/vllm_plugin.py)."""
-    return {"vllm.v1.worker.gpu_model_runner": _patch_runner, "vllm.v1.worker.worker_base": _patch_worker}
+    return {"vllm.v1.worker.gpu_model_runner": _patch_runner, "vllm.v1.worker.worker_base": _patch_worker,
+            "vllm.v1.worker.cpu_model_runner": _patch_loader}
 
 
 def _patch_runner(module: ModuleType, _targets: tuple = ()) -> None:
@@ -161,18 +169,64 @@ def _patch_runner(module: ModuleType, _targets: tuple = ()) -> None:
         return out
 
     def execute_model(self: Any, *args: Any, **kwargs: Any):
-        global _plan
+        global _plan, _pending
         try:
             return execute(self, *args, **kwargs)
         finally:
-            _plan = None
+            _plan, pending, _pending = None, _pending, None
+            static = getattr(self, STATIC_ATTR, None)
+            if static is not None and pending is not None:
+                _collect_safely(static, pending)
 
     runner._prepare_inputs, runner.execute_model, runner._update_states = _prepare_inputs, execute_model, _update_states
     runner._tink_look_inside = True
+    _patch_loader(module)
+
+
+def _patch_loader(module: ModuleType, _targets: tuple = ()) -> None:
+    """TINK_LOOK_INSIDE=static: the persistent-buffer hooks go in right after the model loads, before vLLM
+    compiles it (src/steering_static.py). Patched on each runner class that defines its own load_model."""
+    for name in ("GPUModelRunner", "CPUModelRunner"):
+        runner = getattr(module, name, None)
+        if runner is None or "load_model" not in vars(runner) or vars(runner).get("_tink_static_loader"):
+            continue
+        load = runner.load_model
+
+        def load_model(self: Any, *args: Any, _load: Any = load, **kwargs: Any):
+            out = _load(self, *args, **kwargs)
+            if static_mode() and getattr(self, STATIC_ATTR, None) is None:
+                try:
+                    setattr(self, STATIC_ATTR, StaticLook.for_runner(self))
+                except Exception:
+                    _disable("installing the static capture/steering buffers")
+            return out
+
+        runner.load_model, runner._tink_static_loader = load_model, True
+
+
+def static_mode() -> bool:
+    from .vllm_plugin import look_inside_setting
+
+    return look_inside_setting() == "static"
+
+
+def _collect_safely(static: StaticLook, pending: PendingCaptures) -> None:
+    try:
+        static.collect(pending)
+    except Exception:
+        _disable("reading the step's static captures")
 
 
 def _patch_worker(module: ModuleType, _targets: tuple = ()) -> None:
     module.WorkerBase.tink_take_captures = take_captures
+    module.WorkerBase.tink_look_state = look_state
+
+
+def look_state(worker: Any) -> dict[str, bool]:
+    """Worker RPC: whether this worker's model carries the static buffers, and whether an error turned
+    capture and steering off here (the sampler's health reports it)."""
+    return {"static": getattr(getattr(worker, "model_runner", None), STATIC_ATTR, None) is not None,
+            "disabled": _disabled}
 
 
 def _note_requests(scheduler_output: Any) -> None:
@@ -214,7 +268,7 @@ def vllm_version() -> str:
 
 def _plan_step(runner: Any, num_scheduled_tokens: dict[str, int]) -> None:
     """The step's flat batch holds each request's scheduled tokens in `input_batch` order."""
-    global _plan
+    global _plan, _pending
     batch = runner.input_batch
     plan, start = [], 0
     for i, req_id in enumerate(batch.req_ids[:batch.num_reqs]):
@@ -225,6 +279,10 @@ def _plan_step(runner: Any, num_scheduled_tokens: dict[str, int]) -> None:
             request = _requests.get(req_id) or _register(req_id, extra[EXTRA_KEY], len(state.prompt_token_ids))
             plan.append(_Slice(request, start, start + count, int(batch.num_computed_tokens_cpu[i])))
         start += count
+    static = getattr(runner, STATIC_ATTR, None)
+    if static is not None:  # the hooks only read buffers: fill them; no Python plan for the forward
+        _pending = static.apply(plan, start) if plan else None
+        return
     if plan:
         _ensure_hooks(runner.get_model())
     _plan = plan or None

@@ -392,6 +392,16 @@ class Store:
                            [(time.time(), SESSION_EXPIRED, detail, r["session_id"]) for r in rows])
         return [_session_row(r) for r in rows]
 
+    def stranded_expired_runs(self) -> list[tuple[str, str]]:
+        """(model id, owner) of runs still loaded in an expired session with nothing queued for them: their
+        save-then-unload failed (e.g. a full disk) and the next sweep tries again."""
+        rows = self._query(
+            "SELECT m.model_id, m.owner FROM models m JOIN sessions s ON s.session_id = m.session_id "
+            "WHERE s.finish_reason=? AND m.unloaded=0 AND NOT EXISTS (SELECT 1 FROM futures f "
+            "WHERE f.model_id = m.model_id AND f.status IN ('pending','running')) ORDER BY m.created_at",
+            (SESSION_EXPIRED,))
+        return [(r[0], r[1]) for r in rows]
+
     def count_expired_sessions(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM sessions WHERE finish_reason=?", (SESSION_EXPIRED,))[0][0])
 

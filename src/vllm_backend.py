@@ -313,7 +313,10 @@ class VLLMEngineSampler:
             args.update(enable_lora=True, max_loras=max_loras, max_lora_rank=self.max_lora_rank,
                         max_cpu_loras=self.max_cpu_loras)
         args.update(engine_kwargs or {})
-        if args["enforce_eager"] and not on_cpu:
+        from .vllm_plugin import look_inside_setting
+
+        self.look_inside_setting = look_inside_setting()  # what the engine's processes read as they start
+        if (args["enforce_eager"] or self.look_inside_setting == "static") and not on_cpu:
             # Capture and steering hook the V1 model runner (src/steering_vllm.py); vLLM 0.26 picks its
             # Model Runner V2 for dense models on GPU unless told otherwise. An explicit setting wins.
             os.environ.setdefault(V2_RUNNER_ENV, "0")
@@ -344,6 +347,7 @@ class VLLMEngineSampler:
         if enable_lora and on_cpu:
             identity = AdapterRef("tink-base-identity", write_identity_adapter(base_model, self._scratch.name), 1)
             self._base_lora = self._run(self._register(identity))
+        self._static_look = self._run(self._ask_static_look())
         log.info("vllm sampler: %s ready in %.0f s (lora=%s, max_loras=%d, rank<=%d, cpu_loras=%d)", base_model,
                  time.monotonic() - started, enable_lora, max_loras, self.max_lora_rank, self.max_cpu_loras)
 
@@ -435,6 +439,17 @@ class VLLMEngineSampler:
         with owning_engine_processes():
             return AsyncLLM.from_engine_args(self._args, usage_context=UsageContext.LLM_CLASS)
 
+    async def _ask_static_look(self) -> bool:
+        """Whether every engine worker holds TINK_LOOK_INSIDE=static's buffers (src/steering_static.py)."""
+        if self.look_inside_setting != "static":
+            return False
+        try:
+            states = await self._engine.collective_rpc("tink_look_state")
+        except Exception as exc:  # the plugin is off (VLLM_PLUGINS) or this vLLM lacks the RPC
+            log.warning("vllm sampler: TINK_LOOK_INSIDE=static, but the engine cannot say it looks inside (%s)", exc)
+            return False
+        return bool(states) and all(state.get("static") and not state.get("disabled") for state in states)
+
     @staticmethod
     async def _shutdown(engine: Any) -> None:
         engine.shutdown()
@@ -491,11 +506,13 @@ class VLLMEngineSampler:
 
     @property
     def looks_inside(self) -> bool:
-        """Capture and steering run as forward hooks, which a CUDA graph would skip: eager engines on
-        vLLM's V1 model runner only (the one src/steering_vllm.py patches)."""
-        from .vllm_plugin import look_inside_enabled
-
-        return bool(self._args.enforce_eager) and look_inside_enabled() and self.model_runner != "v2"
+        """On vLLM's V1 model runner (the one src/steering_vllm.py patches): TINK_LOOK_INSIDE=true hooks
+        run Python per step, which a compiled model or CUDA graph skips, so eager engines only; `static`
+        hooks work in any engine that installed their buffers (asked at start)."""
+        setting = self.look_inside_setting
+        if setting == "off" or self.model_runner == "v2":
+            return False
+        return getattr(self, "_static_look", False) if setting == "static" else bool(self._args.enforce_eager)
 
     async def _take_captures(self, look_id: str, result: SampleResult, copies: int) -> None:
         """Fetch (and free) the request's captured values from the engine's worker (rank 0) into `result`."""

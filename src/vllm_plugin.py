@@ -104,10 +104,17 @@ def enable_lm_head_lora() -> None:
         _patch_when_imported(module_name, _add_lm_head, classes)
 
 
+def look_inside_setting() -> str:
+    """`TINK_LOOK_INSIDE`, read here because this runs in vLLM's processes, where Tink's Config is not
+    loaded: "hooks" (true, the default: per-request hooks, eager engines only), "static" (persistent
+    buffers that torch.compile and CUDA graphs keep, src/steering_static.py) or "off" (false: a
+    benchmark's baseline, bench/gpu/bench_steering.py)."""
+    value = os.environ.get(LOOK_INSIDE_ENV, "true").strip().lower()
+    return "off" if value in ("0", "false", "off") else "static" if value == "static" else "hooks"
+
+
 def look_inside_enabled() -> bool:
-    """`TINK_LOOK_INSIDE` (default true), read here because this runs in vLLM's processes, where Tink's
-    Config is not loaded; `false` is a benchmark's baseline (bench/gpu/bench_steering.py)."""
-    return os.environ.get(LOOK_INSIDE_ENV, "true").lower() not in ("0", "false")
+    return look_inside_setting() != "off"
 
 
 def enable_look_inside() -> None:

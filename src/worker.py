@@ -504,6 +504,10 @@ class Worker:
             released = self.release_session_models(Caller(session["owner"]), session["session_id"], save_first=True)
             log.info("expired session %s of %s: %s; released runs: %s", session["session_id"], session["owner"],
                      detail, ", ".join(released) or "none")
+        for model_id, owner in self.store.stranded_expired_runs():  # a failed autosave left these loaded
+            log.warning("run %s of an expired session is still loaded (its autosave or unload failed); "
+                        "saving and unloading it again", model_id)
+            self.unload_model(Caller(owner), model_id, save_first=True)
         return len(expired)
 
     def _sweep(self) -> int:
@@ -744,6 +748,8 @@ class Worker:
     def _sample(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
         sampler = look_sampler(self.sampler) if job.look is not None else self.sampler
         result = sampler.sample(job, sink) if sink is not None else sampler.sample(job)
+        if sampler is not self.sampler:  # called past the FallbackSampler, which would have named it
+            result.served_by = result.served_by or sampler.name
         self.prometheus.sampled(result, self.sampler.name)
         return apply_last_n(job, result)
 

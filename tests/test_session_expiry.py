@@ -131,6 +131,42 @@ def test_an_abandoned_session_is_expired_its_runs_saved_and_unloaded(expiring, c
     assert session(expiring, session_id)["finish_reason"] == "expired"
 
 
+def test_a_run_whose_autosave_failed_is_saved_and_unloaded_by_a_later_sweep(expiring, monkeypatch):
+    """The autosave at expiry fails once (a full disk): the run stays loaded rather than lose its step, and
+    a later sweep saves and unloads it; the step survives in the autosave."""
+    worker = expiring.worker
+    save, failed = worker._save_autosave, []
+
+    def full_disk_once(model_id: str) -> None:
+        if not failed:
+            failed.append(model_id)
+            raise OSError(28, "No space left on device")
+        save(model_id)
+
+    monkeypatch.setattr(worker, "_save_autosave", full_disk_once)
+    client = tinker.ServiceClient(base_url=expiring.url, api_key=API_KEY)
+    try:
+        tc = client.create_lora_training_client(base_model=worker.base_model, rank=2).result()
+        tc.forward_backward([datum()], "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+        trained = logprobs(tc)
+        wait_for(lambda: worker.store.get_model(tc.model_id)["unloaded"], 30, "run unloaded by a later sweep")
+        assert failed == [tc.model_id] and not worker.trainer.has_adapter(tc.model_id)
+        with sqlite3.connect(worker.config.database_path) as db:
+            unloads = [row[0] for row in db.execute("SELECT status FROM futures WHERE model_id=? AND op='unload_model' "
+                                                    "ORDER BY completion_seq", (tc.model_id,))]
+        assert unloads == ["failed", "done"]
+        newer = tinker.ServiceClient(base_url=expiring.url, api_key=API_KEY)
+        try:
+            resumed = newer.create_training_client_from_state_with_optimizer(
+                f"tinker://{tc.model_id}/weights/autosave").result()
+            assert logprobs(resumed) == pytest.approx(trained, abs=1e-5)
+        finally:
+            newer.close("success").result()
+    finally:
+        client.close("success").result()
+
+
 def test_after_expiry_the_session_stays_ended_and_says_so(expiring):
     """No silent resurrection: the heartbeat gets 410 (the SDK then stops its loop), the released run
     and a new run in the session get 410 naming the session, and nothing is loaded again."""

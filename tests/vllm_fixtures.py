@@ -143,14 +143,29 @@ def vllm_adapters(tiny_model_path, tmp_path_factory) -> dict[str, AdapterRef]:
             for seed, key in enumerate("abcde", start=1)}
 
 
+def start_engine(model_path, env: dict[str, str] | None = None, **overrides):
+    """An in-process vLLM engine like the session's; `env`: variables its processes read as they start
+    (set only while it starts)."""
+    from src.vllm_backend import VLLMEngineSampler
+
+    args = dict(max_loras=4, max_lora_rank=8, max_cpu_loras=4, gpu_memory_utilization=0.1, max_model_len=512,
+                dtype=TEST_DTYPE, enforce_eager=TEST_EAGER)
+    saved = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    try:
+        return VLLMEngineSampler(str(model_path), **{**args, **overrides})
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def vllm_engine(tiny_model_path):
     """The session's one in-process vLLM engine (LoRA rank <= 8, 4 GPU slots, 4 CPU slots)."""
-    from src.vllm_backend import VLLMEngineSampler
-
-    sampler = VLLMEngineSampler(str(tiny_model_path), max_loras=4, max_lora_rank=8, max_cpu_loras=4,
-                                gpu_memory_utilization=0.1, max_model_len=512, dtype=TEST_DTYPE,
-                                enforce_eager=TEST_EAGER)
+    sampler = start_engine(tiny_model_path)
     yield sampler
     sampler.close()
 

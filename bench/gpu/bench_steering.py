@@ -10,6 +10,9 @@ both), each measuring through `VLLMEngineSampler` (src/vllm_backend.py) and appe
 | `eager`: Tink's default plugin, enforce_eager | `unused` (no request has looked yet: the hooks are not even installed), then `steered` (every request steers one vector at the middle layer and captures `last` + `mean` at one layer), `mixed` (every other request does), `unused_hooked` (plain again, the hooks now installed) | - |
 | `eager_unpatched`: enforce_eager, the patch off | `unused` | `TINK_LOOK_INSIDE=0` |
 | `graphs`: CUDA graphs (GPU only) | `unused`: what eager mode itself costs | - |
+| `graphs_unpatched`: CUDA graphs, the patch off (GPU only) | `unused` | `TINK_LOOK_INSIDE=0` |
+| `graphs_static`: CUDA graphs with the static hooks (src/steering_static.py; GPU only) | `unused`, `steered`, `mixed`: the bar under graphs is `unused` >= 0.97x `graphs_unpatched` | `TINK_LOOK_INSIDE=static` |
+| `eager_static`: the static hooks in an eager engine (the CPU smoke's check of them) | `unused`, `steered`, `mixed` | `TINK_LOOK_INSIDE=static` |
 
 Every pass: the same seeded batch (default 256 prompts x 64 random tokens -> 128 new tokens, temperature 1,
 EOS ignored so every request generates exactly max_tokens), all requests submitted at once from threads as
@@ -43,6 +46,9 @@ ENGINES = {  # name -> (enforce_eager, extra env, passes)
     "eager": (True, {}, ("unused", "steered", "mixed", "unused_hooked")),
     "eager_unpatched": (True, {"TINK_LOOK_INSIDE": "0"}, ("unused",)),
     "graphs": (False, {}, ("unused",)),
+    "graphs_unpatched": (False, {"TINK_LOOK_INSIDE": "0"}, ("unused",)),
+    "graphs_static": (False, {"TINK_LOOK_INSIDE": "static"}, ("unused", "steered", "mixed")),
+    "eager_static": (True, {"TINK_LOOK_INSIDE": "static"}, ("unused", "steered", "mixed")),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PASS_SEEDS = {"warmup": 0, "unused": 1, "steered": 2, "mixed": 3, "unused_hooked": 4}
@@ -63,7 +69,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each pass; the best counts")
-    parser.add_argument("--engines", default="eager,eager_unpatched,graphs", help=f"comma list of {', '.join(ENGINES)}")
+    parser.add_argument("--engines", default="eager,eager_unpatched,graphs,graphs_unpatched,graphs_static", help=f"comma list of {', '.join(ENGINES)}")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--engine-timeout-s", type=float, default=1200)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model and sizes, CPU engines only")
@@ -80,7 +86,7 @@ def main() -> None:
         args.model = str(ensure_tiny_model(out.parent / "tiny-llama"))
         args.prompts, args.prompt_len, args.max_tokens, args.reps = 8, 16, 16, 1
         args.rank = min(args.rank, 8)
-        args.engines = ",".join(e for e in args.engines.split(",") if e != "graphs")
+        args.engines = ",".join([e for e in args.engines.split(",") if ENGINES.get(e, (True,))[0]] + ["eager_static"])
     if not args.model:
         parser.error("--model is required (or --cpu-smoke)")
     args.adapter = resolve_adapter(args, out.parent / f"adapter-r{args.rank}")
@@ -91,7 +97,7 @@ def main() -> None:
     for name in [e for e in args.engines.split(",") if e]:
         if name not in ENGINES:
             parser.error(f"--engines: unknown engine {name!r}; choose from {', '.join(ENGINES)}")
-        if name == "graphs" and not cuda_available():
+        if not ENGINES[name][0] and not cuda_available():
             result["errors"][name] = "skipped: CUDA graphs need a GPU"
             continue
         error = run_engine_process(args, name, lines, out.parent / f"engine-{name}.log")
@@ -200,9 +206,16 @@ def ratios(engines: dict) -> dict:
         "steered_vs_unused": ratio(tok_s("eager", "steered"), unused),
         "mixed_vs_unused": ratio(tok_s("eager", "mixed"), unused),
         "eager_vs_graphs": ratio(unused, tok_s("graphs", "unused")),
+        # TINK_LOOK_INSIDE=static under CUDA graphs: its own bar, and what looking costs there
+        "static_unused_vs_graphs_unpatched": ratio(tok_s("graphs_static", "unused"), tok_s("graphs_unpatched", "unused")),
+        "static_steered_vs_static_unused": ratio(tok_s("graphs_static", "steered"), tok_s("graphs_static", "unused")),
+        "static_mixed_vs_static_unused": ratio(tok_s("graphs_static", "mixed"), tok_s("graphs_static", "unused")),
+        "static_steered_vs_eager_steered": ratio(tok_s("graphs_static", "steered"), tok_s("eager", "steered")),
     }
     if found["unused_vs_unpatched"] is not None:
         found["meets_0.97"] = found["unused_vs_unpatched"] >= 0.97
+    if found["static_unused_vs_graphs_unpatched"] is not None:
+        found["static_meets_0.97"] = found["static_unused_vs_graphs_unpatched"] >= 0.97
     return found
 
 

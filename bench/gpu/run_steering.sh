@@ -7,7 +7,8 @@
 #
 # Per model: bench_steering.py (eager with the look-inside patch unused, the same with TINK_LOOK_INSIDE=0,
 # steered + capturing, mixed, CUDA graphs) into <out>/steer-<shape>.json and its engine logs; then
-# tests/test_steering_vllm.py on the GPU (bf16: vLLM's GPU LoRA kernels want it; eager: hooks need it).
+# tests/test_steering_vllm.py on the GPU (bf16: vLLM's GPU LoRA kernels want it; eager: the default hooks need
+# it), then its static-hook tests on engines with CUDA graphs.
 # Detached because it can outlast one device call; later calls wait for <out>/DONE.
 set -u
 out=${1:-/tmp/steer}
@@ -27,4 +28,8 @@ done
 PYTHONPATH=.:/tmp/site TINK_TEST_VLLM_DTYPE=bfloat16 VLLM_ENFORCE_EAGER=true timeout 900 python3 -m pytest tests/test_steering_vllm.py \
     -v -p no:cacheprovider > "$out/pytest-steering-vllm.log" 2>&1
 echo "pytest exit $?" >> "$out/exit.log"
+# TINK_LOOK_INSIDE=static under CUDA graphs (src/steering_static.py): the static-hook tests on compiled engines
+PYTHONPATH=.:/tmp/site TINK_TEST_VLLM_DTYPE=bfloat16 VLLM_ENFORCE_EAGER=false timeout 900 python3 -m pytest \
+    tests/test_steering_vllm.py -k static -v -p no:cacheprovider > "$out/pytest-steering-static-graphs.log" 2>&1
+echo "pytest static graphs exit $?" >> "$out/exit.log"
 touch "$out/DONE"
