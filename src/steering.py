@@ -226,13 +226,10 @@ def captures_json(captures: list[np.ndarray] | None, look: LookInside | None, fm
 
 
 def look_sampler(sampler: Any) -> Any:
-    """The sampler that serves a job with `look`: `sampler` itself if it can, else the one of a
-    FallbackSampler's pair that can (the HF fallback behind an external vLLM server)."""
+    """`sampler` if it can serve a job with `look` (a FallbackSampler can when either of its pair can, and
+    routes the job itself), else the 400 naming `capture`."""
     if getattr(sampler, "looks_inside", False):
         return sampler
-    for candidate in (getattr(sampler, "primary", None), getattr(sampler, "fallback", None)):
-        if getattr(candidate, "looks_inside", False):
-            return candidate
     raise UserInputError(f"capture and steer need the hf sampler or the in-process vLLM engine; this worker samples "
                          f"with {getattr(sampler, 'name', sampler)!r}", "capture")
 

@@ -748,8 +748,6 @@ class Worker:
     def _sample(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
         sampler = look_sampler(self.sampler) if job.look is not None else self.sampler
         result = sampler.sample(job, sink) if sink is not None else sampler.sample(job)
-        if sampler is not self.sampler:  # called past the FallbackSampler, which would have named it
-            result.served_by = result.served_by or sampler.name
         self.prometheus.sampled(result, self.sampler.name)
         return apply_last_n(job, result)
 

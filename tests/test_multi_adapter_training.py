@@ -25,7 +25,7 @@ from tinker import types
 from src.backends import AdamParams, LoraSpec, TrainDatum, UserInputError
 from src.config import Config, ConfigError
 from src.hf_trainer import HFTrainer
-from src.multi_adapter import AdapterPass, segments_of
+from src.multi_adapter import AdapterPass, RowRouting, segments_of
 from src.scheduling import Joinable, Outcome, Scheduler
 from src.store import Store
 
@@ -73,12 +73,12 @@ def clear_grads(trainer: HFTrainer, model_id: str) -> None:
         p.grad = None
 
 
-def assert_close(a, b) -> None:
-    """Equal up to float rounding: <= 1e-5 relative to the tensor's own scale."""
+def assert_close(a, b, rtol: float = RTOL, atol: float = 1e-7) -> None:
+    """Equal up to float rounding: <= `rtol` relative to the tensor's own scale (+ `atol`)."""
     a, b = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a), torch.as_tensor(
         np.asarray(b) if not isinstance(b, torch.Tensor) else b)
     scale = float(b.abs().max()) if b.numel() else 0.0
-    assert float((a - b).abs().max()) <= RTOL * max(scale, 1e-12) + 1e-7, (a, b)
+    assert float((a - b).abs().max()) <= rtol * max(scale, 1e-12) + atol, (a, b)
 
 
 def assert_same_result(joined, alone) -> None:
@@ -129,13 +129,94 @@ def mixed_passes(trainer: HFTrainer, rng: np.random.Generator) -> list[AdapterPa
     ]
 
 
+@pytest.fixture
+def lora_paths(monkeypatch) -> dict[str, list[torch.nn.Module]]:
+    """The layers each routed LoRA path served, one entry per call: "grouped" (`grouped_lora_sum`, all of a
+    layer's segments at once) and "sliced" (`lora_delta`, one segment; also the split lm_head's path)."""
+    import src.multi_adapter as multi_adapter
+
+    seen: dict[str, list[torch.nn.Module]] = {"grouped": [], "sliced": []}
+
+    def counted(path: str, real):
+        def run(layer, *args):
+            seen[path].append(layer)
+            return real(layer, *args)
+        return run
+
+    monkeypatch.setattr(multi_adapter, "grouped_lora_sum", counted("grouped", multi_adapter.grouped_lora_sum))
+    monkeypatch.setattr(multi_adapter, "lora_delta", counted("sliced", multi_adapter.lora_delta))
+    return seen
+
+
+def routed_layers(trainer: HFTrainer, part: str = "") -> set[int]:
+    """ids of the LoRA layers whose rows the hooks route (every lora.Linear but a split lm_head), named with `part`."""
+    from peft.tuners.lora import Linear
+
+    head = trainer._hf.get_output_embeddings() if trainer._split_head else None
+    return {id(m) for name, m in trainer._peft.named_modules() if isinstance(m, Linear) and m is not head
+            and part in name}
+
+
 def test_segments_are_runs_of_one_owner():
     assert [(s.owner, s.start, s.stop) for s in segments_of("aabccc")] == [("a", 0, 2), ("b", 2, 3), ("c", 3, 6)]
     assert segments_of([]) == []
 
 
-def test_joined_pass_equals_each_model_alone(trainer):
+def test_joined_pass_equals_each_model_alone(trainer, lora_paths):
+    """Unequal row counts and ranks: every layer takes the per-segment path."""
     assert_joined_equals_alone(trainer, mixed_passes(trainer, np.random.default_rng(0)))
+    assert not lora_paths["grouped"]
+    assert {id(layer) for layer in lora_paths["sliced"]} >= routed_layers(trainer)
+
+
+def test_alike_segments_run_grouped_and_equal_alone_with_checkpointing(trainer, monkeypatch, lora_paths):
+    """The common case, each user sending the same micro-batch shape (rows and rank): every routed layer runs
+    all segments as one grouped product, in forward and again when checkpointing recomputes it in backward.
+    Results and gradients equal each adapter alone (to RTOL: a joined batch pads differently, ~2e-6 in fp32
+    on either path) and the per-segment path's to 1e-6. Rank 12's scale 32/12 is not a power of two, so
+    scaling at another point than PEFT's would show here."""
+    rng = np.random.default_rng(10)
+    passes = [AdapterPass(new_model(trainer, rank=12), [ce_datum(rng, n) for n in (7, 19)], "cross_entropy", None),
+              AdapterPass(new_model(trainer, rank=12), [is_datum(rng, n) for n in (12, 4)], "importance_sampling",
+                          None),
+              AdapterPass(new_model(trainer, rank=12), [ce_datum(rng, n) for n in (25, 1)], "cross_entropy", None)]
+    monkeypatch.setattr(trainer, "gradient_checkpointing", "true")
+    alone, alone_grads, joined, joined_grads = run_alone_then_joined(trainer, passes)
+    assert trainer.memory_report()["last_checkpointed"] is True
+    assert len(trainer.memory_report()["last_microbatch_tokens"]) == 1
+    grouped = [id(layer) for layer in lora_paths["grouped"]]
+    assert set(grouped) == routed_layers(trainer) and len(grouped) == 2 * len(set(grouped))
+    assert not {id(layer) for layer in lora_paths["sliced"]} & routed_layers(trainer)
+
+    for p in passes:
+        clear_grads(trainer, p.model_id)
+    monkeypatch.setattr(RowRouting, "_groupable", lambda self, layer, output: None)  # the per-segment path
+    sliced = trainer.forward_backward_many(passes, False)
+    sliced_grads = [grads(trainer, p.model_id) for p in passes]
+    assert len(lora_paths["grouped"]) == len(grouped)
+    for a, j, s, ag, jg, sg in zip(alone, joined, sliced, alone_grads, joined_grads, sliced_grads):
+        assert not isinstance(j, Exception), j
+        assert_same_result(j, a)
+        for jo, so in zip(j.loss_fn_outputs, s.loss_fn_outputs):
+            assert_close(jo["logprobs"], so["logprobs"], rtol=1e-6, atol=0)
+        for x, y, z in zip(jg, ag, sg):
+            assert float(y.abs().max()) > 0
+            assert_close(x, y)
+            assert_close(x, z, rtol=1e-6, atol=0)
+
+
+def test_layers_some_adapters_lack_take_the_per_segment_path(trainer, lora_paths):
+    """Equal rows and ranks, but one adapter without attention LoRA: attention layers take the per-segment
+    path (that adapter's rows get no delta there), MLP layers the grouped one, and the pass equals alone."""
+    rng = np.random.default_rng(11)
+    passes = [AdapterPass(new_model(trainer, rank=4, **switches), [ce_datum(rng, n) for n in (9, 14)],
+                          "cross_entropy", None)
+              for switches in ({}, {"train_attn": False}, {})]
+    assert_joined_equals_alone(trainer, passes)
+    grouped, sliced = ({id(layer) for layer in lora_paths[path]} for path in ("grouped", "sliced"))
+    attention, mlp = routed_layers(trainer, "self_attn"), routed_layers(trainer, "mlp")
+    assert attention and mlp and attention | mlp == routed_layers(trainer)
+    assert grouped == mlp and sliced & routed_layers(trainer) == attention
 
 
 def test_forward_only_joined_equals_alone(trainer):

@@ -155,3 +155,25 @@ def test_a_look_the_engine_cannot_serve_is_counted_as_the_hf_fallbacks(looking, 
     after = scrape(looking.url)
     assert delta(before, after, "tink_sampler_operations_total", sampler="hf") == 2
     assert delta(before, after, "tink_sampler_operations_total", sampler="vllm") == 0
+    served = requests.get(f"{looking.url}/api/v1/healthz", timeout=30).json()["sampler"]["served"]
+    assert served.get("hf", 0) >= 2, served  # healthz counts them where they were served
+
+
+def test_a_look_while_the_engine_fails_moves_to_the_hf_fallback(looking, vllm_engine, monkeypatch):
+    """The engine dies under a capture request: like any request, it is served by the HF fallback (not a 503),
+    and health says the engine is down until it answers again."""
+    from src.backends import BackendError
+
+    def dead(self, job, sink=None, timeout_s=None):
+        raise BackendError("vllm sampler: the engine failed while sampling (EngineDeadError: test)")
+
+    monkeypatch.setattr(type(vllm_engine), "sample", dead)
+    answer = sampled(looking, [PROMPT], capture=CAPTURE)
+    assert answer["sampler"] == "hf" and answer["results"][0]["completions"][0]["captures"]
+    health = requests.get(f"{looking.url}/api/v1/healthz", timeout=30).json()["sampler"]
+    assert health["active"] == "hf" and health["degraded"] and "EngineDeadError" in health["reason"]
+    monkeypatch.undo()  # the engine answers again: the next probe (retry_s=1) brings it back
+    fallback = looking.worker.sampler
+    fallback._next_probe = 0.0
+    assert sampled(looking, [PROMPT], capture=CAPTURE)["sampler"] == "vllm"
+    assert not fallback.health()["degraded"]
