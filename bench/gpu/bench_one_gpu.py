@@ -206,6 +206,13 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
         rec["gpu_mib_peak_sample"] = gpu.peak()
         tokens = sum(len(s.tokens) for r in results for s in r.sequences)
         rec["sample"] = {"tokens": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1)}
+        reps = [rec["sample"]["tok_s"]]
+        for _ in range(args.sample_reps - 1):  # the same batch again: one pass alone does not separate noise
+            t1 = time.time()
+            again = [f.result() for f in [sampler.sample(types.ModelInput.from_ints(p), args.samples, params)
+                                          for p in prompts]]
+            reps.append(round(sum(len(s.tokens) for r in again for s in r.sequences) / (time.time() - t1), 1))
+        rec["sample"]["reps_tok_s"] = reps
         rec["grpo_step_s"] = round(steps[-1]["forward_backward_s"] + steps[-1]["optim_step_s"]
                                    + rec.data["save_for_sampler_s"] + seconds, 2)
         rec["logprob_gap"] = sampler_vs_trainer(trainer, prompts[:4], results[:4])
@@ -426,6 +433,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--score-seqs", type=int, default=64, help="sequences of compute_logprobs")
     parser.add_argument("--score-len", type=int, default=1024, help="tokens per compute_logprobs sequence")
+    parser.add_argument("--sample-reps", type=int, default=2, help="passes of the sampling batch (all reported)")
     parser.add_argument("--orphan-wait-s", type=float, default=5.0)
     parser.add_argument("--skip", default="", help="comma list of: direct, peft")
     args = parser.parse_args()
