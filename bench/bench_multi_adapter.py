@@ -6,9 +6,16 @@ pass (`HFTrainer.forward_backward_many`, what the scheduler runs when the reques
 Two shapes in one run: the embedded tiny Llama and a larger CPU-feasible one. Each line also gives
 the largest relative difference of any LoRA gradient and any logprob between the two ways.
 
+`--noise-floor` says how much of that difference is mere rounding: the first model's request runs
+again alone, but laid out as in the joined pass (its datums first, then every other model's datums
+with loss weight 0), so its micro-batches have the joined pass's rows and lengths while the math and
+the adapter path are those of the lone request. Its difference from the lone run is the noise floor;
+joined vs alone (first model) well above it points at the routing, near it at the batch shape.
+
     .venv/bin/python bench/bench_multi_adapter.py                     # 8 models x 8 sequences, both shapes
     .venv/bin/python bench/bench_multi_adapter.py --models 4 --seqs 16 --repeats 5
     .venv/bin/python bench/bench_multi_adapter.py --device cuda --dtype bfloat16   # where a GPU is
+    .venv/bin/python bench/bench_multi_adapter.py --dtype bfloat16 --checkpointing true --noise-floor
     python3 bench/bench_multi_adapter.py --device cuda --dtype bfloat16 --shapes /tmp/b-7b/model-7b \
         --seqs 8 --min-len 512 --max-len 512 --rank 32 --checkpointing auto   # the issue's 8 x 8 x 512 at 7B
 
@@ -30,13 +37,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.backends import LoraSpec, TrainDatum  # noqa: E402
+from src.backends import ForwardBackwardResult, LoraSpec, TrainDatum  # noqa: E402
 from src.hf_trainer import HFTrainer  # noqa: E402
 from src.multi_adapter import AdapterPass  # noqa: E402
 from src.tiny_model import build_model, build_tokenizer, ensure_tiny_model  # noqa: E402
@@ -95,11 +103,47 @@ def one_adapter(trainer: HFTrainer, passes: list[AdapterPass], forward_only: boo
                                      forward_only)]
 
 
+def zero_weighted(datum: TrainDatum) -> TrainDatum:
+    """`datum` with loss weight 0 on every token: it fills its row of a micro-batch and adds nothing to the loss."""
+    return TrainDatum(datum.tokens, {**datum.loss_fn_inputs, "weights": np.zeros_like(datum.loss_fn_inputs["weights"])})
+
+
+def first_in_joined_layout(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool) -> list:
+    """The first model's request alone, in the joined pass's layout: its datums, then the other models' at
+    weight 0 (same rows, lengths and micro-batch cuts as joined; PEFT's own LoRA path, no routing). Its
+    result keeps only its own datums' outputs, as its lone run's."""
+    first = passes[0]
+    data = first.data + [zero_weighted(d) for p in passes[1:] for d in p.data]
+    result = trainer.forward_backward(first.model_id, data, first.loss_fn, first.loss_fn_config, forward_only)
+    return [ForwardBackwardResult(result.loss_fn_outputs[: len(first.data)], result.metrics)]
+
+
+class Run(NamedTuple):
+    """One way's results, the gradients it left on each model that has a result (none for a forward pass),
+    and the padded tokens of its micro-batches."""
+
+    results: list
+    grads: list[list[torch.Tensor]]
+    microbatches: list[int]
+
+    def first(self) -> Run:
+        """The first model's part alone."""
+        return Run(self.results[:1], self.grads[:1], self.microbatches)
+
+
+def collected(trainer: HFTrainer, passes: list[AdapterPass], results: list, forward_only: bool) -> Run:
+    """`results` (of the first len(results) models) with copies of the gradients the way just left on those
+    models, and the micro-batches of the trainer's last call."""
+    grads = [] if forward_only else [[t.grad.clone() for t in trainer.adapter_parameters(p.model_id)]
+                                     for p in passes[: len(results)]]
+    return Run(results, grads, list(trainer.memory_report()["last_microbatch_tokens"]))
+
+
 def timed(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool, repeats: int) -> dict[str, tuple]:
-    """Per way: median seconds of `repeats` runs (after one warm-up), and the last run's results and gradients.
-    The ways alternate, so a change in the machine's load hits them alike."""
+    """Per way: median seconds of `repeats` runs (after one warm-up), and the last run (`Run`, none for
+    one_adapter). The ways alternate, so a change in the machine's load hits them alike."""
     seconds: dict[str, list[float]] = {"alone": [], "joined": [], "one_adapter": []}
-    last: dict[str, list] = {}
+    last: dict[str, Run] = {}
     for _ in range(repeats + 1):
         for way, run in (("alone", one_by_one), ("joined", joined), ("one_adapter", one_adapter)):
             clear(trainer, passes)
@@ -108,10 +152,8 @@ def timed(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool, rep
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds[way].append(time.perf_counter() - start)
-            if way == "one_adapter":
-                continue
-            last[way] = [results, [] if forward_only else
-                         [[t.grad.clone() for t in trainer.adapter_parameters(p.model_id)] for p in passes]]
+            if way != "one_adapter":
+                last[way] = collected(trainer, passes, results, forward_only)
     return {way: (statistics.median(s[1:]), last.get(way)) for way, s in seconds.items()}
 
 
@@ -119,15 +161,27 @@ def max_relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((float((x - y).abs().max()) / max(float(y.abs().max()), 1e-12) for x, y in zip(a, b)), default=0.0)
 
 
-def compare(alone: list, together: list) -> float:
-    (res_a, grads_a), (res_j, grads_j) = alone, together
+def compare(alone: Run, other: Run) -> float:
+    """The largest relative difference of any logprob or LoRA gradient of `other` from `alone`, model by model."""
     worst = 0.0
-    for ra, rj in zip(res_a, res_j):
-        worst = max(worst, max_relative([torch.as_tensor(o["logprobs"]) for o in rj.loss_fn_outputs],
+    for ra, ro in zip(alone.results, other.results, strict=True):
+        worst = max(worst, max_relative([torch.as_tensor(o["logprobs"]) for o in ro.loss_fn_outputs],
                                         [torch.as_tensor(o["logprobs"]) for o in ra.loss_fn_outputs]))
-    for ga, gj in zip(grads_a, grads_j):
-        worst = max(worst, max_relative(gj, ga))
+    for ga, go in zip(alone.grads, other.grads, strict=True):
+        worst = max(worst, max_relative(go, ga))
     return worst
+
+
+def noise_floor_line(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool, alone: Run,
+                     together: Run) -> str:
+    """Joined vs alone for the first model, next to the same model alone in the joined layout vs alone."""
+    clear(trainer, passes)
+    floor = collected(trainer, passes, first_in_joined_layout(trainer, passes, forward_only), forward_only)
+    joined_diff, floor_diff = compare(alone.first(), together.first()), compare(alone.first(), floor)
+    ratio = f"{joined_diff / floor_diff:.2f}" if floor_diff else ("n/a, both 0" if not joined_diff else "inf")
+    return (f"    {'forward_backward' if not forward_only else 'forward'}, first model: joined vs alone: "
+            f"{joined_diff:.1e}; noise floor (same adapter, other layout): {floor_diff:.1e}; ratio X/Y {ratio} "
+            f"[padded tokens per micro-batch: joined {together.microbatches}, other layout {floor.microbatches}]")
 
 
 def main() -> None:
@@ -144,6 +198,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="TINK_DEVICE, e.g. cuda (then also --dtype bfloat16)")
     parser.add_argument("--dtype", default="float32", help="TINK_DTYPE")
     parser.add_argument("--checkpointing", default="false", help="TINK_GRADIENT_CHECKPOINTING: false, true, auto")
+    parser.add_argument("--noise-floor", action="store_true",
+                        help="also run the first model alone in the joined pass's layout (other rows weight 0) and "
+                             "print its difference from alone next to joined vs alone")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,6 +225,8 @@ def main() -> None:
                 print(f"{label:<28} {op:<17} {tokens / alone_s:>17,.0f} {tokens / joined_s:>13,.0f} "
                       f"{alone_s / joined_s:>8.2f}x {tokens / single_s:>16,.0f} {single_s / joined_s:>16.2f}x "
                       f"{compare(alone, together):>13.1e}", flush=True)
+                if args.noise_floor:
+                    print(noise_floor_line(trainer, passes, forward_only, alone, together), flush=True)
             del trainer
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()

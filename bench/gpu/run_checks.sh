@@ -50,7 +50,7 @@ for step in $steps; do
       for model in "$small" "$big"; do
         [ -d "$model" ] || continue
         timeout 900 python3 bench/bench_multi_adapter.py --device cuda --dtype bfloat16 --shapes "$model" --models 8 \
-          --seqs 8 --min-len 512 --max-len 512 --rank 32 --repeats 2 --checkpointing auto >> "$out/multi/bench.log" 2>&1
+          --seqs 8 --min-len 512 --max-len 512 --rank 32 --repeats 2 --checkpointing auto --noise-floor >> "$out/multi/bench.log" 2>&1
       done ;;
   esac
 done
