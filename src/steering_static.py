@@ -92,7 +92,15 @@ class StaticLook:
 
     def apply(self, plan: list[Any], num_tokens: int) -> PendingCaptures:
         """Write the step's steering slots and capture rows; `plan`: src/steering_vllm.py's `_Slice`s.
-        `collect` must follow the step's forward, whatever happens: it also clears them."""
+        `collect` must follow the step's forward, whatever happens: it also clears them. If this fails,
+        nothing stays written: stale slots would steer every later step."""
+        try:
+            return self._write(plan, num_tokens)
+        except BaseException:
+            self.reset()
+            raise
+
+    def _write(self, plan: list[Any], num_tokens: int) -> PendingCaptures:
         import torch
 
         steering: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
@@ -115,10 +123,10 @@ class StaticLook:
         for layer, (index, vectors) in steering.items():
             if not vectors:  # e.g. prompt-only steering in a decode step
                 continue
+            self._steered.add(layer)
             table = self.table[layer]
             table[1:1 + len(vectors)].copy_(torch.from_numpy(np.stack(vectors)).to(table.dtype))
             self.index[layer][:num_tokens].copy_(torch.from_numpy(index))
-            self._steered.add(layer)
 
         rows: list[tuple[Any, int]] = []
         offsets: list[int] = []

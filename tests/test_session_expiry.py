@@ -75,6 +75,17 @@ def logprobs(tc) -> list[float]:
     return tc.forward([datum()], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data
 
 
+def assert_autosave_resumes(server: RunningServer, model_id: str, trained: list[float]) -> None:
+    """The run's autosave holds its last step: resumed in a new session, it scores as the run did."""
+    newer = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+    try:
+        resumed = newer.create_training_client_from_state_with_optimizer(
+            f"tinker://{model_id}/weights/autosave").result()
+        assert logprobs(resumed) == pytest.approx(trained, abs=1e-5)
+    finally:
+        newer.close("success").result()
+
+
 @pytest.mark.filterwarnings("ignore:RestClient.search_sessions is experimental")
 def test_an_abandoned_session_is_expired_its_runs_saved_and_unloaded(expiring, caplog):
     """The client trains a step it never saves, then goes silent (as a killed one does): after the
@@ -119,13 +130,7 @@ def test_an_abandoned_session_is_expired_its_runs_saved_and_unloaded(expiring, c
         assert found[0].status.type == "cancelled" and "TINK_SESSION_EXPIRY_S" in found[0].status.detail
 
         # Nothing acknowledged is lost: the autosave holds the unsaved step, and resumes in a new session.
-        newer = tinker.ServiceClient(base_url=expiring.url, api_key=API_KEY)
-        try:
-            resumed = newer.create_training_client_from_state_with_optimizer(
-                f"tinker://{tc.model_id}/weights/autosave").result()
-            assert logprobs(resumed) == pytest.approx(trained, abs=1e-5)
-        finally:
-            newer.close("success").result()
+        assert_autosave_resumes(expiring, tc.model_id, trained)
     finally:
         client.close("success").result()  # an expired session's close changes nothing
     assert session(expiring, session_id)["finish_reason"] == "expired"
@@ -156,13 +161,7 @@ def test_a_run_whose_autosave_failed_is_saved_and_unloaded_by_a_later_sweep(expi
             unloads = [row[0] for row in db.execute("SELECT status FROM futures WHERE model_id=? AND op='unload_model' "
                                                     "ORDER BY completion_seq", (tc.model_id,))]
         assert unloads == ["failed", "done"]
-        newer = tinker.ServiceClient(base_url=expiring.url, api_key=API_KEY)
-        try:
-            resumed = newer.create_training_client_from_state_with_optimizer(
-                f"tinker://{tc.model_id}/weights/autosave").result()
-            assert logprobs(resumed) == pytest.approx(trained, abs=1e-5)
-        finally:
-            newer.close("success").result()
+        assert_autosave_resumes(expiring, tc.model_id, trained)
     finally:
         client.close("success").result()
 
