@@ -85,13 +85,11 @@ class FallbackSampler:
         return any(getattr(s, "looks_inside", False) for s in (self.primary, self.fallback) if s is not None)
 
     def sample(self, job: SampleJob, sink: TokenSink | None = None) -> SampleResult:
-        if job.look is not None and not getattr(self.primary, "looks_inside", False):
-            # the primary cannot look inside (CUDA graphs, TRL's server): the fallback serves it, and is counted
-            result = self.fallback.sample(job, sink) if sink is not None else self.fallback.sample(job)
-            return self._served_by(self.fallback, result)
-        if job.look is not None and not getattr(self.fallback, "looks_inside", False):
-            return self._served_by(self.primary, self.primary.sample(job, sink) if sink is not None
-                                   else self.primary.sample(job))  # nowhere to fall back to with a look
+        if job.look is not None:
+            lookers = [s for s in (self.primary, self.fallback) if getattr(s, "looks_inside", False)]
+            if len(lookers) == 1:  # e.g. a primary with CUDA graphs or TRL's server: the HF fallback serves it
+                only = lookers[0]
+                return self._served_by(only, only.sample(job, sink) if sink is not None else only.sample(job))
         if sink is None:
             return self._call(lambda s: s.sample(job))
         streamed = False
