@@ -367,7 +367,6 @@ class HFTrainer:
                         part, scored = microbatch_loss(member.loss_fn, logprobs[s.start: s.stop],
                                                        batch[s.start: s.stop], member.loss_fn_config, metrics[s.owner])
                         outputs[s.owner].extend(scored)
-                        metrics[s.owner]["loss:sum"] += float(part.detach())
                         total = part if total is None else total + part
                     if not forward_only and total.requires_grad:
                         total.backward()  # per microbatch: activations are freed before the next
@@ -558,18 +557,21 @@ class HFTrainer:
         ids = torch.zeros(len(tokens), int(lengths.max()), dtype=torch.long)
         for i, t in enumerate(tokens):
             ids[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
-        real = (torch.arange(ids.shape[1])[None] < lengths[:, None]).to(self.device)
-        ids = ids.to(self.device)
+        # The real positions as flat indices made here, not a boolean mask on the GPU: masking there waits
+        # for the forward pass (a sync per micro-batch); so do blocking copies, hence non_blocking below.
+        real = (torch.arange(ids.shape[1])[None] < lengths[:, None]).flatten().nonzero().squeeze(1)
+        real, ids = (_to_device(t, self.device) for t in (real, ids))
         heads: list[tuple[int, int, Callable[[torch.Tensor], torch.Tensor]]]
         if self._split_head:
-            features = self._hf.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[real]
+            hidden = self._hf.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+            features = hidden.flatten(0, 1).index_select(0, real)
             heads = (routing.token_heads(lengths.tolist()) if routing
                      else [(0, features.shape[0], self._hf.get_output_embeddings())])
         else:  # the whole model's logits: with routing, the hooks route lm_head's rows like the other layers'
-            features = self._hf(input_ids=ids, use_cache=False).logits[real]
+            features = self._hf(input_ids=ids, use_cache=False).logits.flatten(0, 1).index_select(0, real)
             heads = [(0, features.shape[0], _identity)]
         flat = torch.cat([torch.as_tensor(np.asarray(t), dtype=torch.long).reshape(len(t), -1) for t in targets])
-        flat = flat.to(self.device)
+        flat = _to_device(flat, self.device)
         rows = max(1, LOGIT_CHUNK_ELEMENTS // self._vocab)
         parts = []
         for first, end, head in heads:  # chunks never span two adapters' tokens
@@ -605,6 +607,14 @@ def _chunk_logprobs(head: Callable[[torch.Tensor], torch.Tensor], features: torc
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the GPU's queued work (a plain copy would: the
+    next micro-batch's forward could not be launched while the last one's backward runs)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _next_microbatch(data: list[TrainDatum], start: int, budget_tokens: int) -> list[TrainDatum]:

@@ -281,18 +281,48 @@ def microbatch_loss(
 ) -> tuple[torch.Tensor | None, list[dict[str, np.ndarray]]]:
     """The summed loss of a micro-batch (None if empty) and each datum's outputs for the client.
 
-    `logprobs` holds each datum's target logprobs; `data` the datums (`loss_fn_inputs`). Per-datum
-    metrics are added into `metrics`. Every trainer engine scores its micro-batches with this.
+    `logprobs` holds each datum's target logprobs; `data` the datums (`loss_fn_inputs`). The batch's
+    loss is added to `metrics["loss:sum"]`. Every trainer engine scores its micro-batches with this.
+    Token-wise losses run once over the micro-batch's tokens laid end to end, and all its outputs come
+    to the host in one copy: per datum, small kernels and a wait for the GPU each would starve it.
     """
-    total: torch.Tensor | None = None
-    outputs: list[dict[str, np.ndarray]] = []
-    for datum, lp in zip(data, logprobs, strict=True):
-        out = compute_loss(loss_fn, lp, datum.loss_fn_inputs, config)
-        total = out.loss if total is None else total + out.loss
-        result = {"logprobs": lp.detach().float().cpu().numpy()}
-        if out.elementwise is not None:
-            result["elementwise_loss"] = out.elementwise.detach().float().cpu().numpy()
-        outputs.append(result)
-        for key, value in out.metrics.items():
-            metrics[key] = metrics.get(key, 0.0) + float(value)
+    logprobs = list(logprobs)
+    if not logprobs:
+        return None, []
+    inputs = [datum.loss_fn_inputs for datum in data]
+    if _joinable(loss_fn, logprobs, inputs):
+        lp = torch.cat(logprobs)
+        elementwise = compute_loss(loss_fn, lp, _joined_inputs(inputs, lp.device), config).elementwise
+    else:  # one datum at a time, e.g. GSPO, whose tokens share their sequence's ratio
+        elementwise = torch.cat([compute_loss(loss_fn, one, x, config).elementwise for one, x in zip(logprobs, inputs)])
+        lp = torch.cat(logprobs)
+    total = elementwise.sum()
+    flat = (lp.detach().float().flatten(), elementwise.detach().float().flatten(), total.detach().float().reshape(1))
+    host = torch.cat(flat).cpu().numpy()
+    sizes = [one.numel() for one in logprobs]
+    lp_host, elementwise_host = np.split(host[:-1], 2)
+    offsets = np.cumsum(sizes)[:-1]
+    outputs = [{"logprobs": a.reshape(one.shape), "elementwise_loss": b.reshape(one.shape)}
+               for one, a, b in zip(logprobs, np.split(lp_host, offsets), np.split(elementwise_host, offsets))]
+    metrics["loss:sum"] = metrics.get("loss:sum", 0.0) + float(host[-1])
     return total, outputs
+
+
+SEQUENCE_LEVEL = frozenset({"gspo"})  # a token's loss depends on its whole sequence
+
+
+def _joinable(loss_fn: str, logprobs: list[torch.Tensor], inputs: list[Mapping[str, Any]]) -> bool:
+    """Whether the datums' tokens can be scored as one sequence: a token-wise loss, alike shapes and inputs."""
+    return (loss_fn not in SEQUENCE_LEVEL and len({lp.shape[1:] for lp in logprobs}) == 1
+            and len({frozenset(x) for x in inputs}) == 1)
+
+
+def _joined_inputs(inputs: list[Mapping[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Each loss input of the datums end to end, on `device` in one copy per input."""
+    joined = {}
+    for key in inputs[0]:
+        if key == "target_tokens":
+            continue
+        host = torch.from_numpy(np.concatenate([np.asarray(x[key]) for x in inputs]))
+        joined[key] = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    return joined

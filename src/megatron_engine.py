@@ -562,7 +562,6 @@ class MegatronEngine:
         if mine:
             try:
                 with self._activated(adapter), (torch.no_grad() if forward_only else contextlib.nullcontext()):
-                    total = 0.0
                     for chunk in self._microbatches(mine):
                         targets = [d.loss_fn_inputs["target_tokens"] for d in chunk]
                         logprobs = self._target_logprobs([d.tokens for d in chunk], targets)
@@ -572,8 +571,6 @@ class MegatronEngine:
                         outputs.extend(scored)
                         if not forward_only:  # per micro-batch: its activations are freed before the next
                             chunk_loss.backward()
-                        total += float(chunk_loss.detach())
-                    metrics["loss:sum"] = total
             except UserInputError as exc:
                 error = (str(exc), exc.field)
         gathered: list[Any] = [None] * dist.get_world_size()
