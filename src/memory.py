@@ -120,8 +120,9 @@ def activation_bytes_per_token(config: Any, dtype_bytes: int, checkpointing: boo
     Without checkpointing every layer keeps ~18 hidden-sized and ~4 MLP-sized activations per token
     (inputs of the projections and norms, attention output, gate/up/activation products), plus the
     fp32 copies of the inputs of its seven LoRA-wrapped projections (PEFT runs LoRA in fp32 on a
-    bf16 model); with checkpointing a layer keeps only its input, and one layer at a time is
-    recomputed. Measured on an H200 (bf16, r=32, every projection and lm_head, 10 % margin included):
+    bf16 model), and the fp32 log-softmax over the vocabulary that the loss keeps for backward; with
+    checkpointing a layer keeps only its input, one layer at a time is recomputed, and so are the
+    logits, one chunk at a time (`HFTrainer`'s fixed cost). Measured on an H200 (bf16, r=32, every projection and lm_head, 10 % margin included):
     Qwen2.5-7B's shape 641 KiB/token checkpointed; a 0.5B Llama 2,600 KiB/token plain. The measured
     peak of each micro-batch replaces this estimate (`MicrobatchBudget.observe`).
     """
@@ -131,7 +132,7 @@ def activation_bytes_per_token(config: Any, dtype_bytes: int, checkpointing: boo
     per_layer = (18 * hidden + 4 * intermediate) * dtype_bytes + (6 * hidden + intermediate) * 4
     if checkpointing:
         return layers * hidden * dtype_bytes + per_layer
-    return layers * per_layer + 2 * hidden * dtype_bytes
+    return layers * per_layer + 2 * hidden * dtype_bytes + 4 * getattr(text, "vocab_size", 0)
 
 
 class MicrobatchBudget:

@@ -82,9 +82,9 @@ def fail_with_oom(trainer: HFTrainer, monkeypatch, when) -> list[int]:
     attempts = [0]
     original = HFTrainer._target_logprobs
 
-    def flaky(self, tokens, targets):
+    def flaky(self, tokens, targets, *args, **options):
         attempts[0] += 1
-        out = original(self, tokens, targets)
+        out = original(self, tokens, targets, *args, **options)
         if not when(len(tokens)):
             return out
         if not torch.is_grad_enabled():

@@ -304,11 +304,11 @@ def test_a_failed_joined_pass_reruns_each_alone(trainer, monkeypatch):
     joined_tries = []
     real_logprobs = HFTrainer._target_logprobs
 
-    def out_of_memory_when_routed(self, tokens, targets, routing=None):
+    def out_of_memory_when_routed(self, tokens, targets, routing=None, **options):
         if routing is not None:
             joined_tries.append(len(tokens))
             raise torch.OutOfMemoryError("forced by the test")
-        return real_logprobs(self, tokens, targets)
+        return real_logprobs(self, tokens, targets, **options)
 
     monkeypatch.setattr(HFTrainer, "_target_logprobs", out_of_memory_when_routed)
     results = trainer.forward_backward_many([AdapterPass(m, data[m], "cross_entropy", None) for m in models], False)
