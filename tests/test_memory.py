@@ -49,15 +49,22 @@ def count_layer_calls(trainer: HFTrainer, monkeypatch) -> list[int]:
 def test_checkpointing_recomputes_and_gives_the_same_gradients(trainer, monkeypatch):
     plain, checkpointed = new_adapter(trainer, seed=3), new_adapter(trainer, seed=3)
     calls = count_layer_calls(trainer, monkeypatch)
-    run(trainer, plain)
-    assert calls[0] == 1 and trainer.memory_report()["last_checkpointed"] is False
-    trainer.gradient_checkpointing = "true"
+    head_calls = [0]
+    hook = trainer._hf.get_output_embeddings().register_forward_hook(lambda *_: head_calls.__setitem__(0, head_calls[0] + 1))
     try:
-        calls[0] = 0
-        out = run(trainer, checkpointed)
+        run(trainer, plain)
+        assert calls[0] == 1 and trainer.memory_report()["last_checkpointed"] is False
+        assert head_calls[0] == 1, "without checkpointing, backward keeps the logits' log-softmax"
+        trainer.gradient_checkpointing = "true"
+        try:
+            calls[0] = head_calls[0] = 0
+            out = run(trainer, checkpointed)
+        finally:
+            trainer.gradient_checkpointing = "auto"
     finally:
-        trainer.gradient_checkpointing = "auto"
+        hook.remove()
     assert calls[0] == 2, "a checkpointed layer runs forward again during backward"
+    assert head_calls[0] == 2, "with checkpointing, the logits are made again in backward"
     assert trainer.memory_report()["last_checkpointed"] is True
     assert out.metrics["loss:sum"] > 0
     assert_same(grads(trainer, plain), grads(trainer, checkpointed), **GRAD_TOL)
