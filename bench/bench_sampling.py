@@ -16,6 +16,7 @@ and off (the default), alternating, on the same engine.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -144,6 +145,10 @@ def main() -> None:
     parser.add_argument("--skip-direct", action="store_true")
     parser.add_argument("--flat-ab", type=int, default=0, help="passes of Tink with FlatLogprobs on and off")
     args = parser.parse_args()
+    import torch
+
+    if torch.cuda.is_available():  # two engines, one after the other: the second's forked core can die at
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # CUDA init (seen hanging on an H100)
 
     from src.tiny_model import ensure_tiny_model
     from tests.vllm_fixtures import make_adapter

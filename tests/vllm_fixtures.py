@@ -150,6 +150,8 @@ def start_engine(model_path, env: dict[str, str] | None = None, **overrides):
 
     args = dict(max_loras=4, max_lora_rank=8, max_cpu_loras=4, gpu_memory_utilization=0.1, max_model_len=512,
                 dtype=TEST_DTYPE, enforce_eager=TEST_EAGER)
+    if torch.cuda.is_available():  # a forked engine core dies at CUDA init once this process has used CUDA
+        env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", **(env or {})}
     saved = {name: os.environ.get(name) for name in env or {}}
     os.environ.update(env or {})
     try:

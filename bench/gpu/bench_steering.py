@@ -12,6 +12,7 @@ both), each measuring through `VLLMEngineSampler` (src/vllm_backend.py) and appe
 | `graphs`: CUDA graphs (GPU only) | `unused`: what eager mode itself costs | - |
 | `graphs_unpatched`: CUDA graphs, the patch off (GPU only) | `unused` | `TINK_LOOK_INSIDE=0` |
 | `graphs_static`: CUDA graphs with the static hooks (src/steering_static.py; GPU only) | `unused`, `steered`, `mixed`: the bar under graphs is `unused` >= 0.97x `graphs_unpatched` | `TINK_LOOK_INSIDE=static` |
+| `graphs_v1_unpatched`: CUDA graphs, the patch off, on vLLM's V1 model runner, which static mode uses (GPU only) | `unused`: splits `graphs_static`'s cost into the runner's and the hooks' own | `TINK_LOOK_INSIDE=0 VLLM_USE_V2_MODEL_RUNNER=0` |
 | `eager_static`: the static hooks in an eager engine (the CPU smoke's check of them) | `unused`, `steered`, `mixed` | `TINK_LOOK_INSIDE=static` |
 
 Every pass: the same seeded batch (default 256 prompts x 64 random tokens -> 128 new tokens, temperature 1,
@@ -48,6 +49,8 @@ ENGINES = {  # name -> (enforce_eager, extra env, passes)
     "graphs": (False, {}, ("unused",)),
     "graphs_unpatched": (False, {"TINK_LOOK_INSIDE": "0"}, ("unused",)),
     "graphs_static": (False, {"TINK_LOOK_INSIDE": "static"}, ("unused", "steered", "mixed")),
+    # static mode runs on vLLM's V1 model runner (what the patch hooks); V2 is 0.26's GPU default
+    "graphs_v1_unpatched": (False, {"TINK_LOOK_INSIDE": "0", "VLLM_USE_V2_MODEL_RUNNER": "0"}, ("unused",)),
     "eager_static": (True, {"TINK_LOOK_INSIDE": "static"}, ("unused", "steered", "mixed")),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -211,6 +214,10 @@ def ratios(engines: dict) -> dict:
         "static_steered_vs_static_unused": ratio(tok_s("graphs_static", "steered"), tok_s("graphs_static", "unused")),
         "static_mixed_vs_static_unused": ratio(tok_s("graphs_static", "mixed"), tok_s("graphs_static", "unused")),
         "static_steered_vs_eager_steered": ratio(tok_s("graphs_static", "steered"), tok_s("eager", "steered")),
+        # static mode's cost, split: its hooks (both V1) and the runner it needs (V1 vs V2, both unpatched)
+        "static_unused_vs_graphs_v1_unpatched": ratio(tok_s("graphs_static", "unused"),
+                                                      tok_s("graphs_v1_unpatched", "unused")),
+        "graphs_v1_vs_v2_unpatched": ratio(tok_s("graphs_v1_unpatched", "unused"), tok_s("graphs_unpatched", "unused")),
     }
     if found["unused_vs_unpatched"] is not None:
         found["meets_0.97"] = found["unused_vs_unpatched"] >= 0.97
@@ -257,7 +264,8 @@ def run_engine(args: argparse.Namespace) -> None:
                                 max_model_len=args.prompt_len + args.max_tokens + 64, dtype=args.dtype,
                                 enable_lora=adapter is not None)
     record = {"engine": args.engine, "enforce_eager": eager, "look_inside_env": os.environ.get("TINK_LOOK_INSIDE"),
-              "start_s": round(time.time() - started, 1), "looks_inside": sampler.looks_inside, "passes": {}}
+              "start_s": round(time.time() - started, 1), "looks_inside": sampler.looks_inside,
+              "model_runner": sampler.model_runner, "passes": {}}
     params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, stop_at_eos=False)
 
     def jobs(kind: str, rep: int, count: int, max_tokens: int | None = None) -> list[SampleJob]:

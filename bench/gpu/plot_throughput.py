@@ -1,10 +1,12 @@
-"""Plot the third GPU run (bench/results/THROUGHPUT_RESULTS.md): compute_logprobs before/after, joined
-multi-adapter passes, and what looking inside costs on the vLLM engine.
+"""Plot a GPU run of bench/results/THROUGHPUT_RESULTS.md, before and after side by side.
 
     python bench/gpu/plot_throughput.py bench/results --png bench/results/throughput_run3.png
+    python bench/gpu/plot_throughput.py bench/results --run 4 --png bench/results/throughput_run4.png
 
-Reads one_gpu_7b_run3.json (bench_one_gpu.py), multi_adapter_gpu.txt (bench/bench_multi_adapter.py's table)
-and steering_0.5b.json (bench_steering.py) from the folder. Needs matplotlib (not a Tink dependency).
+Run 3 reads one_gpu_7b_run3.json (bench_one_gpu.py), multi_adapter_gpu.txt (bench/bench_multi_adapter.py's
+table) and steering_0.5b.json (bench_steering.py); run 4 reads train_0.5b_gpu.json (bench/bench_train.py),
+multi_adapter_gpu.txt and multi_adapter_gpu_run4.txt, and steering_0.5b_run4.json. Needs matplotlib
+(not a Tink dependency).
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--png", type=Path, required=True)
+    parser.add_argument("--run", type=int, default=3, choices=[3, 4])
     args = parser.parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if args.run == 4:
+        plot_run4(args.folder, plt).savefig(args.png, dpi=110)
+        return
     one = json.loads((args.folder / "one_gpu_7b_run3.json").read_text())
     multi = multi_adapter_rows((args.folder / "multi_adapter_gpu.txt").read_text())
     steer = json.loads((args.folder / "steering_0.5b.json").read_text())["engines"]
@@ -73,6 +79,39 @@ def main() -> None:
     fig.suptitle("Tink on one H200, vLLM 0.26 (2026-12-02, third run)")
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
+
+
+def labelled_bars(ax, bars: dict[str, float], colors: list[str], title: str, ylabel: str) -> None:
+    ax.bar(list(bars), list(bars.values()), color=colors)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    for i, v in enumerate(bars.values()):
+        ax.text(i, v, f"{v:,.2f}" if v < 10 else f"{v:,.0f}", ha="center", va="bottom")
+
+
+def plot_run4(folder: Path, plt):
+    train = json.loads((folder / "train_0.5b_gpu.json").read_text())
+    before, after = multi_adapter_rows((folder / "multi_adapter_gpu.txt").read_text()), \
+        multi_adapter_rows((folder / "multi_adapter_gpu_run4.txt").read_text())
+    steer = json.loads((folder / "steering_0.5b_run4.json").read_text())["engines"]
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
+    labelled_bars(axes[0], {"before: Tink": train["before"]["tink_tok_s"], "before: bare PEFT": train["before"]["bare_tok_s"],
+                            "after: Tink": train["after"]["tink_tok_s"], "after: bare PEFT": train["after"]["bare_tok_s"]},
+                  ["#bbb", "#468", "#2a7", "#468"],
+                  "forward_backward 64 x 512, 0.5B, in-process\n(goal: >= 0.95x bare PEFT)", "tokens / s")
+    labelled_bars(axes[1], {f"{name}\n{shape}": rows[shape][1] / rows[shape][2]
+                            for name, rows in (("run 3 (H200): per segment", before), ("run 4 (H100): grouped", after))
+                            for shape in rows if shape == "0.5b"},
+                  ["#bbb", "#2a7"], "8 adapters x 8 x 512 joined, 0.5B\n(joined / 1 adapter; goal >= 0.8)", "ratio")
+    axes[1].axhline(0.8, color="#c84", linestyle="--")
+    passes = [("graphs_unpatched", "unused", "graphs, V2\npatch off"), ("graphs_static", "unused", "graphs, V1\nstatic unused"),
+              ("graphs_static", "mixed", "static\nhalf steered"), ("graphs_static", "steered", "static\nall steered")]
+    labelled_bars(axes[2], {label: steer[e]["passes"][p]["tok_s"] for e, p, label in passes},
+                  ["#468", "#2a7", "#8b5", "#c84"], "look-inside under CUDA graphs, 0.5B\n256 requests x 128 tokens",
+                  "tokens / s")
+    fig.suptitle("Tink on one H100, vLLM 0.26 (2026-12-07, fourth run)")
+    fig.tight_layout()
+    return fig
 
 
 if __name__ == "__main__":
