@@ -58,13 +58,14 @@ def flat_ab(args, sampler, jobs, pool) -> None:
     from src import vllm_backend
 
     rates: dict[bool, list[float]] = {True: [], False: []}
+    shipped = vllm_backend.FLAT_LOGPROBS
     for _ in range(args.flat_ab):
         for flat in (False, True):
             vllm_backend.FLAT_LOGPROBS = flat
             start = time.perf_counter()
             tokens = count(pool.map(sampler.sample, jobs))
             rates[flat].append(tokens / (time.perf_counter() - start))
-    vllm_backend.FLAT_LOGPROBS = False
+    vllm_backend.FLAT_LOGPROBS = shipped
     best = {flat: max(r) for flat, r in rates.items()}
     print(f"flat logprobs on / off : {best[True]:10.1f} / {best[False]:.1f} tokens/s (best of {args.flat_ab}), "
           f"ratio {best[True] / best[False]:.3f}; all: on {[round(r) for r in rates[True]]}, "
