@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "model) unless TINKER_BASE_URL names a running one. Exits 0 if the reward rose.")
     demo.add_argument("--steps", type=int, default=30, help="RL steps to run (default 30; the reward rises "
                                                             "within about 10 on the tiny model)")
+    demo.add_argument("--seed", type=int, default=0, help="seeds the adapter and every sampling request (default 0)")
 
     build = sub.add_parser(
         "build-model", help="build the tiny local model folder",
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "demo":
         from .demo import main as demo_main
 
-        sys.exit(demo_main(steps=args.steps))
+        sys.exit(demo_main(steps=args.steps, seed=args.seed))
     elif args.command == "export":
         sys.exit(_export(args))
     elif args.command == "bench":

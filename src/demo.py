@@ -25,8 +25,9 @@ PROMPTS = ["Question: what do you say?", "Tell me one word.", "Hello there!", "I
 
 
 def run_loop(base_url: str, api_key: str, steps: int, group_size: int = 8, max_tokens: int = 8,
-             learning_rate: float = 3e-2, quiet: bool = False) -> list[float]:
-    """Train for `steps` steps; returns the mean reward of each step."""
+             learning_rate: float = 3e-2, quiet: bool = False, seed: int = 0) -> list[float]:
+    """Train for `steps` steps; returns the mean reward of each step. `seed` fixes the adapter's start and
+    every sampling request, so a run repeats on the same worker and machine."""
     import tinker
     from tinker import types
     from tqdm import tqdm
@@ -34,17 +35,20 @@ def run_loop(base_url: str, api_key: str, steps: int, group_size: int = 8, max_t
     service = tinker.ServiceClient(base_url=base_url, api_key=api_key)
     capabilities = tinker.RestClient(base_url=base_url, api_key=api_key).get_server_capabilities().result()
     base_model = capabilities.supported_models[0].model_name
-    trainer = service.create_lora_training_client(base_model=base_model, rank=16, seed=0).result()
+    trainer = service.create_lora_training_client(base_model=base_model, rank=16, seed=seed).result()
     tokenizer = trainer.get_tokenizer()
     (target_id,) = tokenizer.encode(TARGET)
     prompts = [[tokenizer.bos_token_id] + tokenizer.encode(p) for p in PROMPTS]
-    params = types.SamplingParams(max_tokens=max_tokens, temperature=1.0)
 
     rewards_per_step: list[float] = []
     bar = tqdm(range(steps), desc="RL steps", disable=quiet, unit="step")
     for step in bar:
         sampler = trainer.save_weights_and_get_sampling_client().result()
-        futures = [sampler.sample(types.ModelInput.from_ints(p), group_size, params) for p in prompts]
+        futures = []
+        for i, prompt in enumerate(prompts):
+            request_seed = ((seed * steps + step) * len(prompts) + i) * group_size  # vLLM: sample k gets seed + k
+            params = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=request_seed)
+            futures.append(sampler.sample(types.ModelInput.from_ints(prompt), group_size, params))
         data, step_rewards = [], []
         for prompt, fut in zip(prompts, futures):
             sequences = fut.result().sequences
@@ -113,7 +117,7 @@ def start_worker(state_dir: Path, api_key: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"the worker exited ({proc.wait()}) before it was ready; see {state_dir / 'worker.log'}")
 
 
-def main(steps: int = 30) -> int:
+def main(steps: int = 30, seed: int = 0) -> int:
     os.environ.setdefault("TINKER_TELEMETRY", "0")
     api_key = os.environ.get("TINKER_API_KEY", "tml-tink-demo")  # the SDK insists on the tml- prefix
     url = os.environ.get("TINKER_BASE_URL")
@@ -128,7 +132,7 @@ def main(steps: int = 30) -> int:
         print(f"Worker ready at {url} after {time.time() - started:.0f}s", flush=True)
         print(f"Live plots: {url}/dashboard (with the demo's API key)", flush=True)
     try:
-        rewards = run_loop(url, api_key, steps)
+        rewards = run_loop(url, api_key, steps, seed=seed)
     finally:
         if proc is not None:
             proc.terminate()

@@ -10,7 +10,12 @@ Tink's vLLM plugin (src/vllm_plugin.py) calls `install()` in every vLLM process;
   the absolute position of its first token (`num_computed_tokens`), the same per-token -> request map
   the attention metadata's `query_start_loc` encodes. Requests that ask nothing are not in the plan.
 * `GPUModelRunner.execute_model`: clears the plan after the step, so a warm-up or dummy forward never
-  reuses it; `_update_states` forgets finished requests that only steered.
+  reuses it; `_update_states` notes new looking requests and forgets finished ones that only steered.
+
+vLLM's Model Runner V2 (`vllm.v1.worker.gpu.model_runner`, the GPU default for dense models since 0.26) is
+patched the same way at its own seams: `add_requests` notes the requests, `prepare_inputs` returns the
+step's `InputBatch` (order, offsets, computed tokens), `execute_model` ends the step. Tink's engine asks for
+V1 when it looks inside (src/vllm_backend.py) unless VLLM_USE_V2_MODEL_RUNNER is set; V2 awaits a GPU run.
 
 Forward hooks on the decoder layers (and their attention / MLP blocks for those sites) are installed the
 first time a looking request arrives, and return at once while the step's plan is empty: a batch of
@@ -132,6 +137,7 @@ _lock = threading.Lock()
 _requests: dict[str, _RequestLook] = {}  # vLLM's internal request id -> its instructions
 _plan: list[_Slice] | None = None  # the current step's looking requests; None: nobody looks
 _looking: set[str] = set()  # live vLLM request ids that look inside: while empty, steps skip planning
+_noted: dict[str, tuple[dict[str, Any], int]] = {}  # their wire instructions and prompt lengths, as they arrived
 _disabled = False  # set when this vLLM's internals are not what the patch reads: the engine serves on
 _hooked: set[int] = set()  # id() of the models that carry the hooks
 _pending: PendingCaptures | None = None  # a static step's captures, read after its forward
@@ -141,7 +147,7 @@ STATIC_ATTR = "_tink_static_look"  # the runner's StaticLook, when TINK_LOOK_INS
 def install() -> dict[str, Any]:
     """{module name: patch(module, targets)} for the plugin's post-import hook (see src/vllm_plugin.py)."""
     return {"vllm.v1.worker.gpu_model_runner": _patch_runner, "vllm.v1.worker.worker_base": _patch_worker,
-            "vllm.v1.worker.cpu_model_runner": _patch_loader}
+            "vllm.v1.worker.cpu_model_runner": _patch_loader, "vllm.v1.worker.gpu.model_runner": _patch_runner_v2}
 
 
 def _patch_runner(module: ModuleType, _targets: tuple = ()) -> None:
@@ -168,6 +174,15 @@ def _patch_runner(module: ModuleType, _targets: tuple = ()) -> None:
             _plan_step_safely(self, scheduler_output.num_scheduled_tokens)
         return out
 
+    runner._prepare_inputs, runner._update_states = _prepare_inputs, _update_states
+    runner.execute_model = _ending_the_step(execute)
+    runner._tink_look_inside = True
+    _patch_loader(module)
+
+
+def _ending_the_step(execute: Any) -> Any:
+    """`execute_model` that clears the step's plan after it, so a warm-up or dummy forward never reuses it,
+    and hands a static step's captured rows to their requests."""
     def execute_model(self: Any, *args: Any, **kwargs: Any):
         global _plan, _pending
         try:
@@ -177,8 +192,41 @@ def _patch_runner(module: ModuleType, _targets: tuple = ()) -> None:
             static = getattr(self, STATIC_ATTR, None)
             if static is not None and pending is not None:
                 _collect_safely(static, pending)
+    return execute_model
 
-    runner._prepare_inputs, runner.execute_model, runner._update_states = _prepare_inputs, execute_model, _update_states
+
+def _patch_runner_v2(module: ModuleType, _targets: tuple = ()) -> None:
+    """vLLM's Model Runner V2 (`vllm.v1.worker.gpu.model_runner`, the GPU default for dense models since
+    0.26): no persistent batch, and each step's order is fixed by `prepare_inputs`, which returns it as an
+    `InputBatch` (request ids, scheduled tokens, token offsets, tokens computed before the step); the runner
+    keeps no `extra_args`, so `add_requests` notes them. Its dummy and warm-up steps also pass through
+    `execute_model`, without a looking request. Not yet run on a GPU (see VLLM_README.md)."""
+    runner = getattr(module, "GPUModelRunner", None)
+    if runner is None or getattr(runner, "_tink_look_inside", False):
+        return
+    try:
+        add, prepare, execute = runner.add_requests, runner.prepare_inputs, runner.execute_model
+    except AttributeError as exc:
+        log.warning("capture/steering unavailable on this vLLM's model runner V2 (%s): it has no %s",
+                    vllm_version(), exc)
+        return
+
+    def add_requests(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any):
+        out = add(self, scheduler_output, *args, **kwargs)
+        _note_requests(scheduler_output)
+        return out
+
+    def prepare_inputs(self: Any, *args: Any, **kwargs: Any):
+        batch = prepare(self, *args, **kwargs)
+        if _looking and not _disabled:
+            try:
+                _plan_step_v2(self, batch)
+            except Exception:
+                _disable("mapping the step's tokens to requests")
+        return batch
+
+    runner.add_requests, runner.prepare_inputs = add_requests, prepare_inputs
+    runner.execute_model = _ending_the_step(execute)
     runner._tink_look_inside = True
     _patch_loader(module)
 
@@ -237,8 +285,11 @@ def _note_requests(scheduler_output: Any) -> None:
             extra = getattr(getattr(new, "sampling_params", None), "extra_args", None) or {}
             if EXTRA_KEY in extra:
                 _looking.add(new.req_id)
+                _noted[new.req_id] = (extra[EXTRA_KEY], len(new.prompt_token_ids))
         finished = scheduler_output.finished_req_ids or ()
         _looking.difference_update(finished)
+        for req_id in finished:
+            _noted.pop(req_id, None)
         _forget_finished(finished)
     except Exception:  # never take the engine down for an inspection feature
         _disable("reading the scheduler output")
@@ -267,21 +318,38 @@ def vllm_version() -> str:
 
 
 def _plan_step(runner: Any, num_scheduled_tokens: dict[str, int]) -> None:
-    """The step's flat batch holds each request's scheduled tokens in `input_batch` order."""
-    global _plan, _pending
+    """V1: the step's flat batch holds each request's scheduled tokens in `input_batch` order."""
     batch = runner.input_batch
     plan, start = [], 0
     for i, req_id in enumerate(batch.req_ids[:batch.num_reqs]):
         count = int(num_scheduled_tokens[req_id])
-        state = runner.requests.get(req_id)
-        extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
-        if EXTRA_KEY in extra:
-            request = _requests.get(req_id) or _register(req_id, extra[EXTRA_KEY], len(state.prompt_token_ids))
-            plan.append(_Slice(request, start, start + count, int(batch.num_computed_tokens_cpu[i])))
+        if req_id in _noted:
+            plan.append(_Slice(_looking_request(req_id), start, start + count, int(batch.num_computed_tokens_cpu[i])))
         start += count
+    _use_plan(runner, plan, start)
+
+
+def _plan_step_v2(runner: Any, batch: Any) -> None:
+    """Model Runner V2: `batch` is the step's `InputBatch`, its requests in the flat batch's order."""
+    counts = [int(c) for c in batch.num_scheduled_tokens[:batch.num_reqs]]
+    starts = getattr(batch, "query_start_loc_np", None)
+    starts = [int(x) for x in (starts[:batch.num_reqs] if starts is not None else np.cumsum([0] + counts[:-1]))]
+    plan = [_Slice(_looking_request(req_id), start, start + count, int(computed))
+            for req_id, start, count, computed in zip(batch.req_ids, starts, counts, batch.num_computed_tokens_np)
+            if req_id in _noted]
+    _use_plan(runner, plan, int(batch.num_tokens))
+
+
+def _looking_request(req_id: str) -> _RequestLook:
+    """The request's instructions and rows so far (kept across preemption: its rows are not read twice)."""
+    return _requests.get(req_id) or _register(req_id, *_noted[req_id])
+
+
+def _use_plan(runner: Any, plan: list[_Slice], num_tokens: int) -> None:
+    global _plan, _pending
     static = getattr(runner, STATIC_ATTR, None)
     if static is not None:  # the hooks only read buffers: fill them; no Python plan for the forward
-        _pending = static.apply(plan, start) if plan else None
+        _pending = static.apply(plan, num_tokens) if plan else None
         return
     if plan:
         _ensure_hooks(runner.get_model())

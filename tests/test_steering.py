@@ -449,3 +449,62 @@ def test_the_engine_patch_never_takes_a_vllm_engine_down(caplog):
     finally:
         steering_vllm._looking.discard("req-1")
         steering_vllm._disabled = False
+
+
+def test_model_runner_v2_steps_map_each_looking_request_to_its_rows():
+    """vLLM's Model Runner V2 (the GPU default since 0.26) orders each step's requests itself and keeps no
+    `extra_args`: the patch notes them in `add_requests` and reads the order, offsets and computed tokens
+    from the `InputBatch` that `prepare_inputs` returns. A runner shaped like V2's (the real one needs a GPU
+    and Triton) drives the same calls as vLLM's `execute_model`: the plan covers exactly the looking
+    request's rows during the forward and is gone after it, in dummy steps too."""
+    import types as pytypes
+
+    from src import steering_vllm
+
+    seen = []
+
+    class V2Runner:
+        model = torch.nn.Module()
+
+        def get_model(self):
+            return self.model
+
+        def add_requests(self, scheduler_output):
+            pass
+
+        def prepare_inputs(self, scheduler_output, batch_desc):  # decodes first, as V2 sorts them
+            return pytypes.SimpleNamespace(req_ids=["b", "a"], num_reqs=2, num_scheduled_tokens=np.array([1, 5]),
+                                           query_start_loc_np=np.array([0, 1, 6]), num_tokens=6,
+                                           num_computed_tokens_np=np.array([7, 0]))
+
+        def execute_model(self, scheduler_output, dummy_run=False):
+            if not dummy_run:
+                self.add_requests(scheduler_output)
+                self.prepare_inputs(scheduler_output, None)
+            seen.append(steering_vllm._plan)
+            return "served"
+
+    module = pytypes.ModuleType("fake_v2_model_runner")
+    module.GPUModelRunner = V2Runner
+    steering_vllm._patch_runner_v2(module)
+    look = LookInside((CaptureSpec(0, "resid_post", "all"),))
+    extra = steering_vllm.look_extra_args(look, "tink-1", 1)
+
+    def new(req_id, extra_args):
+        return pytypes.SimpleNamespace(req_id=req_id, prompt_token_ids=[1, 2, 3, 4, 5],
+                                       sampling_params=pytypes.SimpleNamespace(extra_args=extra_args))
+
+    runner = V2Runner()
+    try:
+        step = pytypes.SimpleNamespace(scheduled_new_reqs=[new("a", extra), new("b", None)], finished_req_ids=set())
+        assert runner.execute_model(step) == "served" and steering_vllm._plan is None
+        (part,) = seen[-1]
+        assert (part.start, part.end, part.first_position) == (1, 6, 0)
+        assert part.request.tink_id == "tink-1" and part.request.prompt_len == 5
+        runner.execute_model(None, dummy_run=True)
+        assert seen[-1] is None, "a dummy step runs without the last step's plan"
+        runner.execute_model(pytypes.SimpleNamespace(scheduled_new_reqs=[], finished_req_ids={"a"}))
+        assert "a" not in steering_vllm._looking and "a" not in steering_vllm._noted
+        assert not steering_vllm._disabled
+    finally:
+        steering_vllm._requests.clear()

@@ -13,6 +13,7 @@ both), each measuring through `VLLMEngineSampler` (src/vllm_backend.py) and appe
 | `graphs_unpatched`: CUDA graphs, the patch off (GPU only) | `unused` | `TINK_LOOK_INSIDE=0` |
 | `graphs_static`: CUDA graphs with the static hooks (src/steering_static.py; GPU only) | `unused`, `steered`, `mixed`: the bar under graphs is `unused` >= 0.97x `graphs_unpatched` | `TINK_LOOK_INSIDE=static` |
 | `graphs_v1_unpatched`: CUDA graphs, the patch off, on vLLM's V1 model runner, which static mode uses (GPU only) | `unused`: splits `graphs_static`'s cost into the runner's and the hooks' own | `TINK_LOOK_INSIDE=0 VLLM_USE_V2_MODEL_RUNNER=0` |
+| `graphs_static_v2`: the static hooks on Model Runner V2, the runner of `graphs_unpatched` (GPU only) | `unused`, `steered`, `mixed`: if it works, its `unused` against `graphs_unpatched` is the issue's bar with no runner switch | `TINK_LOOK_INSIDE=static VLLM_USE_V2_MODEL_RUNNER=1` |
 | `eager_static`: the static hooks in an eager engine (the CPU smoke's check of them) | `unused`, `steered`, `mixed` | `TINK_LOOK_INSIDE=static` |
 
 Every pass: the same seeded batch (default 256 prompts x 64 random tokens -> 128 new tokens, temperature 1,
@@ -51,6 +52,9 @@ ENGINES = {  # name -> (enforce_eager, extra env, passes)
     "graphs_static": (False, {"TINK_LOOK_INSIDE": "static"}, ("unused", "steered", "mixed")),
     # static mode runs on vLLM's V1 model runner (what the patch hooks); V2 is 0.26's GPU default
     "graphs_v1_unpatched": (False, {"TINK_LOOK_INSIDE": "0", "VLLM_USE_V2_MODEL_RUNNER": "0"}, ("unused",)),
+    # the static hooks on Model Runner V2 (src/steering_vllm.py's V2 patch), no runner switch
+    "graphs_static_v2": (False, {"TINK_LOOK_INSIDE": "static", "VLLM_USE_V2_MODEL_RUNNER": "1"},
+                         ("unused", "steered", "mixed")),
     "eager_static": (True, {"TINK_LOOK_INSIDE": "static"}, ("unused", "steered", "mixed")),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -218,11 +222,17 @@ def ratios(engines: dict) -> dict:
         "static_unused_vs_graphs_v1_unpatched": ratio(tok_s("graphs_static", "unused"),
                                                       tok_s("graphs_v1_unpatched", "unused")),
         "graphs_v1_vs_v2_unpatched": ratio(tok_s("graphs_v1_unpatched", "unused"), tok_s("graphs_unpatched", "unused")),
+        "static_v2_unused_vs_graphs_unpatched": ratio(tok_s("graphs_static_v2", "unused"),
+                                                      tok_s("graphs_unpatched", "unused")),
+        "static_v2_steered_vs_static_v2_unused": ratio(tok_s("graphs_static_v2", "steered"),
+                                                       tok_s("graphs_static_v2", "unused")),
     }
     if found["unused_vs_unpatched"] is not None:
         found["meets_0.97"] = found["unused_vs_unpatched"] >= 0.97
     if found["static_unused_vs_graphs_unpatched"] is not None:
         found["static_meets_0.97"] = found["static_unused_vs_graphs_unpatched"] >= 0.97
+    if found["static_v2_unused_vs_graphs_unpatched"] is not None:
+        found["static_v2_meets_0.97"] = found["static_v2_unused_vs_graphs_unpatched"] >= 0.97
     return found
 
 

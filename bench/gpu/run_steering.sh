@@ -34,4 +34,8 @@ fi
 PYTHONPATH=.:/tmp/site TINK_TEST_VLLM_DTYPE=bfloat16 VLLM_ENFORCE_EAGER=false timeout 900 python3 -m pytest \
     tests/test_steering_vllm.py -k static -v -p no:cacheprovider > "$out/pytest-steering-static-graphs.log" 2>&1
 echo "pytest static graphs exit $?" >> "$out/exit.log"
+# the same on vLLM's Model Runner V2 (src/steering_vllm.py's V2 patch; Tink asks for V1 unless told)
+VLLM_USE_V2_MODEL_RUNNER=1 PYTHONPATH=.:/tmp/site TINK_TEST_VLLM_DTYPE=bfloat16 VLLM_ENFORCE_EAGER=false timeout 900 \
+    python3 -m pytest tests/test_steering_vllm.py -k static -v -p no:cacheprovider > "$out/pytest-steering-static-v2.log" 2>&1
+echo "pytest static v2 exit $?" >> "$out/exit.log"
 touch "$out/DONE"
