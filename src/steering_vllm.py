@@ -153,14 +153,10 @@ def install() -> dict[str, Any]:
 def _patch_runner(module: ModuleType, _targets: tuple = ()) -> None:
     """Never breaks the engine: on a vLLM whose runner lacks what this reads, it logs and patches nothing
     (requests that look inside then fail with a clear error; the rest are served as before)."""
-    runner = getattr(module, "GPUModelRunner", None)
-    if runner is None or getattr(runner, "_tink_look_inside", False):
+    found = _runner_to_patch(module, "_prepare_inputs", "execute_model", "_update_states")
+    if found is None:
         return
-    try:
-        prepare, execute, update = runner._prepare_inputs, runner.execute_model, runner._update_states
-    except AttributeError as exc:
-        log.warning("capture/steering unavailable in this vLLM (%s): its model runner has no %s", vllm_version(), exc)
-        return
+    runner, (prepare, execute, update) = found
 
     def _update_states(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any):
         _note_requests(scheduler_output)
@@ -178,6 +174,20 @@ def _patch_runner(module: ModuleType, _targets: tuple = ()) -> None:
     runner.execute_model = _ending_the_step(execute)
     runner._tink_look_inside = True
     _patch_loader(module)
+
+
+def _runner_to_patch(module: ModuleType, *names: str) -> tuple[type, tuple[Any, ...]] | None:
+    """The module's not yet patched `GPUModelRunner` and its methods by name; None (logged if a method is
+    missing, as on a vLLM this patch does not know) when there is nothing to patch."""
+    runner = getattr(module, "GPUModelRunner", None)
+    if runner is None or getattr(runner, "_tink_look_inside", False):
+        return None
+    try:
+        return runner, tuple(getattr(runner, name) for name in names)
+    except AttributeError as exc:
+        log.warning("capture/steering unavailable in this vLLM (%s): its model runner %s has no %s",
+                    vllm_version(), runner.__module__, exc)
+        return None
 
 
 def _ending_the_step(execute: Any) -> Any:
@@ -201,15 +211,10 @@ def _patch_runner_v2(module: ModuleType, _targets: tuple = ()) -> None:
     `InputBatch` (request ids, scheduled tokens, token offsets, tokens computed before the step); the runner
     keeps no `extra_args`, so `add_requests` notes them. Its dummy and warm-up steps also pass through
     `execute_model`, without a looking request. Not yet run on a GPU (see VLLM_README.md)."""
-    runner = getattr(module, "GPUModelRunner", None)
-    if runner is None or getattr(runner, "_tink_look_inside", False):
+    found = _runner_to_patch(module, "add_requests", "prepare_inputs", "execute_model")
+    if found is None:
         return
-    try:
-        add, prepare, execute = runner.add_requests, runner.prepare_inputs, runner.execute_model
-    except AttributeError as exc:
-        log.warning("capture/steering unavailable on this vLLM's model runner V2 (%s): it has no %s",
-                    vllm_version(), exc)
-        return
+    runner, (add, prepare, execute) = found
 
     def add_requests(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any):
         out = add(self, scheduler_output, *args, **kwargs)
