@@ -127,6 +127,10 @@ class HFTrainer:
             {ckpt: activation_bytes_per_token(model.config, bytes_per_element, ckpt) for ckpt in (False, True)},
             fixed_bytes=3 * 4 * LOGIT_CHUNK_ELEMENTS)  # an fp32 logits chunk, its softmax and its gradient
         self._last_checkpointed: bool | None = None
+        # Backward keeps the fp32 log-softmax (4 bytes x vocabulary per token) instead of making the logits
+        # again, unless activations are checkpointed: on a GPU, where the micro-batch budget counts it; on
+        # CPU nothing bounds a micro-batch's memory but the token cap, so the logits are recomputed there.
+        self.keep_logits = self.device.type == "cuda"
         self._last_microbatches: list[int] = []  # padded tokens of each micro-batch of the last forward_backward
         self._peft = None  # the PeftModel, made by the first create_adapter
         self._vocab = int(model.get_output_embeddings().weight.shape[0])
@@ -360,7 +364,8 @@ class HFTrainer:
                         routing.segments = [Segment(members[s.owner].adapter.peft_name, s.start, s.stop)
                                             for s in segments]
                     inputs = ([d.tokens for d in batch], [d.loss_fn_inputs["target_tokens"] for d in batch])
-                    logprobs = self._target_logprobs(*inputs, routing, recompute_logits=checkpointing)
+                    logprobs = self._target_logprobs(*inputs, routing,
+                                                     recompute_logits=checkpointing or not self.keep_logits)
                     total = None
                     for s in segments:
                         member = members[s.owner]

@@ -47,11 +47,15 @@ def count_layer_calls(trainer: HFTrainer, monkeypatch) -> list[int]:
 
 
 def test_checkpointing_recomputes_and_gives_the_same_gradients(trainer, monkeypatch):
-    plain, checkpointed = new_adapter(trainer, seed=3), new_adapter(trainer, seed=3)
+    """Checkpointing makes layers and logits again in backward; without it a GPU keeps the log-softmax,
+    a CPU (no memory budget) still recomputes the logits. Same gradients every way."""
+    plain, checkpointed, recomputed = (new_adapter(trainer, seed=3) for _ in range(3))
     calls = count_layer_calls(trainer, monkeypatch)
     head_calls = [0]
-    hook = trainer._hf.get_output_embeddings().register_forward_hook(lambda *_: head_calls.__setitem__(0, head_calls[0] + 1))
+    head = trainer._hf.get_output_embeddings()
+    hook = head.register_forward_hook(lambda *_: head_calls.__setitem__(0, head_calls[0] + 1))
     try:
+        monkeypatch.setattr(trainer, "keep_logits", True)  # as on a GPU
         run(trainer, plain)
         assert calls[0] == 1 and trainer.memory_report()["last_checkpointed"] is False
         assert head_calls[0] == 1, "without checkpointing, backward keeps the logits' log-softmax"
@@ -61,13 +65,18 @@ def test_checkpointing_recomputes_and_gives_the_same_gradients(trainer, monkeypa
             out = run(trainer, checkpointed)
         finally:
             trainer.gradient_checkpointing = "auto"
+        assert calls[0] == 2, "a checkpointed layer runs forward again during backward"
+        assert head_calls[0] == 2, "with checkpointing, the logits are made again in backward"
+        assert trainer.memory_report()["last_checkpointed"] is True
+        monkeypatch.setattr(trainer, "keep_logits", False)  # as on CPU
+        calls[0] = head_calls[0] = 0
+        run(trainer, recomputed)
+        assert (calls[0], head_calls[0]) == (1, 2) and trainer.memory_report()["last_checkpointed"] is False
     finally:
         hook.remove()
-    assert calls[0] == 2, "a checkpointed layer runs forward again during backward"
-    assert head_calls[0] == 2, "with checkpointing, the logits are made again in backward"
-    assert trainer.memory_report()["last_checkpointed"] is True
     assert out.metrics["loss:sum"] > 0
     assert_same(grads(trainer, plain), grads(trainer, checkpointed), **GRAD_TOL)
+    assert_same(grads(trainer, plain), grads(trainer, recomputed), **GRAD_TOL)
     assert not any(layer.training for layer in trainer._checkpoint_layers), "layers go back to eval mode"
 
 
