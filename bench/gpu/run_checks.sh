@@ -4,7 +4,8 @@
 #   setsid nohup bash bench/gpu/run_checks.sh /tmp/checks "steering one_gpu lm_head multi" > /tmp/checks.log 2>&1 < /dev/null &
 #
 # steering : run_steering.sh: bench_steering.py on the models built so far (first: the 0.5B shape), then
-#            tests/test_steering_vllm.py on vLLM 0.26 in bf16, eager
+#            tests/test_steering_vllm.py on vLLM 0.26 in bf16, eager (STEER_EAGER_TESTS=0 skips them), then its
+#            static-hook tests under CUDA graphs on Model Runner V1 and on V2
 # one_gpu  : bench_one_gpu.py at 7B (sampling, compute_logprobs, training, against direct vLLM and bare PEFT)
 # lm_head  : lm_head_check.py (sampled and native prompt logprobs through lm_head LoRA, per family, vs HF+PEFT),
 #            on vLLM's Model Runner V2 (lm_head_v1: the same on V1)
