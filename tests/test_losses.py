@@ -320,3 +320,64 @@ def test_accepts_documented_configs():
     validate_inputs("stable_reinforce", valid_inputs("stable_reinforce"), 3, 0, {"kl_coeff": 0.1})
     inputs = valid_inputs("gspo") | {"sequence_ratio_mask": np.array([0, 1, 1], dtype=np.float32)}
     validate_inputs("gspo", inputs, 3, 0, None)
+
+
+# ------------------------------------------------------------------------- micro-batches
+
+
+def datum_inputs(loss_fn: str, n: int, rng: np.random.Generator, k: int | None = None) -> dict[str, np.ndarray]:
+    shape = (n,) if k is None else (n, k)
+    inputs = {"target_tokens": rng.integers(0, 50, shape)}
+    for name in required_inputs(loss_fn) - {"target_tokens"}:
+        inputs[name] = (rng.normal(-1.0, 0.3, shape) if name == "logprobs" else rng.normal(size=shape)).astype(np.float32)
+    if loss_fn != "cross_entropy":
+        inputs["advantages"][:2] = 0.0  # prompt positions, as the cookbook sends them
+    return inputs
+
+
+@pytest.mark.parametrize("loss_fn", sorted(LOSS_FUNCTIONS))
+def test_microbatch_loss_equals_the_datums_one_by_one(loss_fn):
+    """A micro-batch is scored in one pass over its tokens (per datum for GSPO): each datum's outputs and the
+    gradient equal those of `compute_loss` on that datum alone, and `loss:sum` is their total."""
+    from types import SimpleNamespace
+
+    from src.losses import microbatch_loss
+
+    rng = np.random.default_rng(1)
+    data = [SimpleNamespace(loss_fn_inputs=datum_inputs(loss_fn, n, rng)) for n in (5, 9, 3)]
+    if loss_fn in ("ppo", "cispo"):  # a per-token threshold on one datum only: their inputs differ
+        data[1].loss_fn_inputs["clip_high_threshold"] = np.full(9, 1.1, np.float32)
+    lps = [torch.tensor(rng.normal(-1.0, 0.3, len(d.loss_fn_inputs["target_tokens"])), dtype=torch.float32,
+                        requires_grad=True)
+           for d in data]
+    metrics: dict[str, float] = {}
+    total, outputs = microbatch_loss(loss_fn, lps, data, None, metrics)
+    total.backward()
+    grads = [lp.grad.clone() for lp in lps]
+    expected_total = scale = 0.0
+    for lp, d, out, grad in zip(lps, data, outputs, grads):
+        alone = lp.detach().clone().requires_grad_(True)
+        reference = compute_loss(loss_fn, alone, d.loss_fn_inputs, None)
+        reference.loss.backward()
+        np.testing.assert_allclose(out["elementwise_loss"], reference.elementwise.detach().numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(out["logprobs"], lp.detach().numpy())
+        torch.testing.assert_close(grad, alone.grad)
+        expected_total += float(reference.loss.detach())
+        scale += float(reference.elementwise.detach().abs().sum())
+    assert metrics["loss:sum"] == pytest.approx(expected_total, abs=1e-6 * scale)  # fp32 sums, in other orders
+
+
+def test_microbatch_loss_with_k_targets_per_position():
+    from types import SimpleNamespace
+
+    from src.losses import microbatch_loss
+
+    rng = np.random.default_rng(2)
+    data = [SimpleNamespace(loss_fn_inputs=datum_inputs("cross_entropy", n, rng, k=3)) for n in (4, 6)]
+    lps = [torch.tensor(rng.normal(-1.0, 0.3, (n, 3)), dtype=torch.float32) for n in (4, 6)]
+    total, outputs = microbatch_loss("cross_entropy", lps, data, None, {})
+    assert [o["elementwise_loss"].shape for o in outputs] == [(4, 3), (6, 3)]
+    for lp, d, out in zip(lps, data, outputs):
+        expected = compute_loss("cross_entropy", lp, d.loss_fn_inputs, None).elementwise.numpy()
+        np.testing.assert_allclose(out["elementwise_loss"], expected, rtol=1e-6)
+    assert float(total) == pytest.approx(sum(float(o["elementwise_loss"].sum()) for o in outputs), rel=1e-6)
