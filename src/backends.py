@@ -40,6 +40,15 @@ class UserInputError(ValueError):
         self.field = field
 
 
+class NotFoundError(UserInputError):
+    """An id (model, checkpoint, future, sampling session) the worker does not know: HTTP 404."""
+
+
+class GoneError(UserInputError):
+    """An id that was live and has ended (an expired session, a run released with it): HTTP 410, which
+    the SDK's heartbeat loop reads as "this session has finished"."""
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -150,7 +150,7 @@ def clear_leftovers(root: Path) -> int:
 class ExpirySweeper:
     """Calls `remove_expired()` every `interval_s` seconds on a daemon thread until `stop()`.
 
-        >>> sweeper = ExpirySweeper(worker.remove_expired_checkpoints, interval_s=60)
+        >>> sweeper = ExpirySweeper(worker.checkpoints.remove_expired, interval_s=60)
         >>> sweeper.start(); ...; sweeper.stop()
     """
 

@@ -12,7 +12,7 @@ The tinker:// form reads the worker's state (TINK_STATE_DIR); a PEFT adapter fol
 `tinker checkpoint download`) works too.
 
 A worker's export has no record of its own: its folder is the record, so nothing can point at a
-missing export. It goes with its checkpoint (deleted or expired, `Worker._remove_checkpoint`), in the
+missing export. It goes with its checkpoint (deleted or expired, `CheckpointCatalog._remove`), in the
 same hidden rename; `EXPORTS_IN_PROGRESS` keeps a removal from racing an export being written.
 """
 

@@ -28,7 +28,9 @@ from .backends import (
     AdapterRef,
     DimuonParams,
     ForwardBackwardResult,
+    GoneError,
     LoraSpec,
+    NotFoundError,
     SampleJob,
     Sampler,
     SampleResult,
@@ -36,20 +38,16 @@ from .backends import (
     Trainer,
     UserInputError,
 )
+from .checkpoint_catalog import CheckpointCatalog
 from .checkpoints import (
     ExpirySweeper,
     TinkerPath,
     check_name,
     clear_leftovers,
-    directory_for,
     expiry_for,
-    is_expired,
-    remove_checkpoint,
-    write_atomically,
 )
 from .config import EMBEDDED_MODEL, Config
 from .evaluation import perplexity
-from .export import EXPORTS_IN_PROGRESS, export_directory
 from .logprob_options import apply_last_n, check_options
 from .losses import LOSS_FUNCTIONS, validate_inputs
 from .metrics import WorkerMetrics
@@ -70,15 +68,6 @@ from .wire import (
 log = logging.getLogger(__name__)
 
 
-class NotFoundError(UserInputError):
-    """An id (model, checkpoint, future, sampling session) the worker does not know: HTTP 404."""
-
-
-class GoneError(UserInputError):
-    """An id that was live and has ended (an expired session, a run released with it): HTTP 410, which
-    the SDK's heartbeat loop reads as "this session has finished"."""
-
-
 @dataclass(frozen=True)
 class EvalTarget:
     """A plain-JSON `model_id` resolved: the adapter the sampler serves and the trainer's run for it."""
@@ -95,9 +84,9 @@ class TrainerUnavailableError(Exception):
     """
 
 
-TRAINER_HEALTH_TTL_S = 1.0
+TRAINER_HEALTH_TTL_S = 1.0  # how long one trainer health probe is trusted
 SAMPLER_CLONE_SEQ_BLOCK = 1_000_000_000  # the SDK's seq ids of clone k start at k * this
-AUTOSAVE_NAME = "autosave"  # the training checkpoint a graceful shutdown writes for every live model  # how long one trainer health probe is trusted
+AUTOSAVE_NAME = "autosave"  # the training checkpoint a graceful shutdown writes for every live model
 
 
 def _vocab_size(base_model: str) -> int:
@@ -123,6 +112,7 @@ class Worker:
         self.sampler = sampler
         self.store = store
         self.base_model = trainer.base_model
+        self.checkpoints = CheckpointCatalog(store, config, self.base_model)
         self.prometheus = WorkerMetrics()  # this worker's own Prometheus registry (GET /metrics)
         self.scheduler = Scheduler(store, config.sampling_concurrency, observer=self.prometheus)
         self.prometheus.watch(self)
@@ -138,7 +128,7 @@ class Worker:
         # Before serving: half-written or half-removed folders of a previous process, then what
         # expired while the worker was down; afterwards the sweeper's timer removes expired ones.
         clear_leftovers(config.checkpoint_dir)
-        self.remove_expired_checkpoints()
+        self.checkpoints.remove_expired()
         # The same timer expires idle client sessions (TINK_SESSION_EXPIRY_S); not at start, so clients
         # get one sweep interval to heartbeat again after a restart.
         self._expiry_sweeper = ExpirySweeper(self._sweep, config.checkpoint_sweep_s)
@@ -177,7 +167,7 @@ class Worker:
         """Save the model's weights and optimizer state as its newest training checkpoint (autosave),
         if the trainer holds it."""
         if self.trainer.has_adapter(model_id):
-            self._write_checkpoint(TinkerPath(model_id, "training", AUTOSAVE_NAME),
+            self.checkpoints.write(TinkerPath(model_id, "training", AUTOSAVE_NAME),
                                    lambda d: self.trainer.save_state(model_id, d), True, None)
 
     # ------------------------------------------------------------------ identity
@@ -399,7 +389,7 @@ class Worker:
 
         def run() -> Outcome:
             self._ensure_adapter(model_id)
-            self._write_checkpoint(path, lambda d: self.trainer.save_state(model_id, d), overwrite, user_metadata,
+            self.checkpoints.write(path, lambda d: self.trainer.save_state(model_id, d), overwrite, user_metadata,
                                    ttl_seconds)
             return _json({"type": "save_weights", "path": str(path)})
 
@@ -415,7 +405,7 @@ class Worker:
 
         def run() -> Outcome:
             self._ensure_adapter(model_id)
-            self._write_checkpoint(path, lambda d: self.trainer.export_adapter(model_id, d), True, user_metadata,
+            self.checkpoints.write(path, lambda d: self.trainer.export_adapter(model_id, d), True, user_metadata,
                                    ttl_seconds)
             push = getattr(self.sampler, "sync_adapter", None)
             if push is not None:  # TRL mode: the server holds one policy, so push the new weights now
@@ -432,7 +422,7 @@ class Worker:
 
     def load_weights(self, caller: Caller, model_id: str, path: str, with_optimizer: bool) -> str:
         self.model_record(caller, model_id)
-        source = self._checkpoint_dir(caller, path, "path")
+        source = self.checkpoints.directory(caller, path, "path")
 
         def run() -> Outcome:
             self._ensure_adapter(model_id)
@@ -448,7 +438,7 @@ class Worker:
         """`create_training_client_from_state`: a new model whose first operation is a load. With the
         optimizer state it keeps the checkpoint's optimizer; weights only, it gets `optimizer` (AdamW
         unless given), as the SDK's LoadWeightsRequest.optimizer_config says."""
-        source = self._checkpoint_dir(caller, path, "path")
+        source = self.checkpoints.directory(caller, path, "path")
         state = json.loads((source / "tink_state.json").read_text()) if (source / "tink_state.json").exists() else {}
         spec_fields = state.get("lora_spec") or {}
         if not spec_fields:
@@ -512,7 +502,7 @@ class Worker:
 
     def _sweep(self) -> int:
         """The periodic sweep (every TINK_CHECKPOINT_SWEEP_S): expired checkpoints, then idle sessions."""
-        removed = self.remove_expired_checkpoints()
+        removed = self.checkpoints.remove_expired()
         try:
             self.expire_idle_sessions()
         except Exception:  # the next sweep retries; the timer must go on
@@ -528,83 +518,11 @@ class Worker:
 
         def run() -> Outcome:
             self._ensure_adapter(model_id)
-            size = self._write_checkpoint(path, lambda d: self.trainer.export_adapter(model_id, d), True, None,
+            size = self.checkpoints.write(path, lambda d: self.trainer.export_adapter(model_id, d), True, None,
                                           ttl_seconds)
             return _json({"type": "save_weights_external", "path": str(path), "size_bytes": size})
 
         return self._submit_training("save_weights_external", model_id, caller.owner, run)
-
-    def _write_checkpoint(self, path: TinkerPath, write, overwrite: bool, user_metadata: Any,
-                          ttl_seconds: int | None = None) -> int:
-        target = directory_for(self.config.checkpoint_dir, path)
-        size = write_atomically(target, write, overwrite)
-        self.store.put_checkpoint(str(path), path.model_id, path.kind, target, size, user_metadata,
-                                  expiry_for(ttl_seconds))
-        return size
-
-    def checkpoint_record(self, caller: Caller, path: str, field: str, change: bool = False) -> dict[str, Any]:
-        """A live checkpoint the caller may read (its own, or one another key published) or, with
-        `change`, may change (its own); else a 404, as if it did not exist."""
-        parsed = TinkerPath.parse(path, field)
-        record = self.store.get_checkpoint(str(parsed))
-        model = self.store.get_model(parsed.model_id)
-        allowed = record is not None and model is not None and (
-            caller.may_see(model["owner"]) if change else caller.may_read(model["owner"], bool(record["public"])))
-        if not allowed or is_expired(record) or not Path(record["directory"]).is_dir():
-            raise NotFoundError(f"no checkpoint at {path!r}", field)
-        return record
-
-    # ------------------------------------------------------------------ checkpoint management
-
-    def delete_checkpoint(self, caller: Caller, path: str) -> None:
-        """Remove one of the caller's checkpoints: files and record; loading or sampling it is a 404 after."""
-        self._remove_checkpoint(self.checkpoint_record(caller, path, "checkpoint_id", change=True))
-
-    def set_checkpoint_public(self, caller: Caller, path: str, public: bool) -> None:
-        """Publish (every key may read it) or unpublish one of the caller's checkpoints; idempotent."""
-        record = self.checkpoint_record(caller, path, "checkpoint_id", change=True)
-        self.store.set_checkpoint_public(record["tinker_path"], public)
-
-    def set_checkpoint_ttl(self, caller: Caller, path: str, ttl_seconds: int | None) -> None:
-        """Expire one of the caller's checkpoints `ttl_seconds` from now; None: never."""
-        expires_at = expiry_for(ttl_seconds)
-        record = self.checkpoint_record(caller, path, "checkpoint_id", change=True)
-        self.store.set_checkpoint_expiry(record["tinker_path"], expires_at)
-
-    def weights_info(self, caller: Caller, path: str) -> dict[str, Any]:
-        """The SDK's `WeightsInfoResponse` for a checkpoint the caller may read."""
-        record = self.checkpoint_record(caller, path, "tinker_path")
-        model = self.store.get_model(record["model_id"]) or {}
-        lora = model.get("lora", {})
-        return {"base_model": model.get("base_model", self.base_model),
-                "optimizer_config": optimizer_config(lora.get("optimizer", "adamw")), "is_lora": True,
-                "lora_rank": lora.get("rank"), "train_unembed": lora.get("train_unembed"),
-                "train_mlp": lora.get("train_mlp"), "train_attn": lora.get("train_attn")}
-
-    def remove_expired_checkpoints(self) -> int:
-        """Remove (files and record) every checkpoint whose TTL has run out; returns how many."""
-        removed = 0
-        for record in self.store.expired_checkpoints(time.time()):
-            current = self.store.get_checkpoint(record["tinker_path"])  # not re-saved or given a new TTL since
-            if current is None or not is_expired(current):
-                continue
-            self._remove_checkpoint(current)
-            removed += 1
-            log.info("removed expired checkpoint %s", record["tinker_path"])
-        return removed
-
-    def _remove_checkpoint(self, record: dict[str, Any]) -> None:
-        """Remove a checkpoint: its files, its record and its merged export (`POST /api/v1/export`), in
-        one hidden rename. While that export is being written, a live checkpoint's removal (DELETE) is
-        refused with ExportInProgressError (HTTP 409); an expired one's (the TTL sweep: no reader reaches
-        it and no new export starts) waits for the export to finish, then removes it too."""
-        path, expired = record["tinker_path"], is_expired(record)
-        export = export_directory(self.config.state_dir, TinkerPath.parse(path))
-        with EXPORTS_IN_PROGRESS.removing(export, path, wait=expired):
-            current = self.store.get_checkpoint(path)  # re-read: the sweep may have waited, and it may be renewed
-            if current is None or (expired and not is_expired(current)):
-                return
-            remove_checkpoint(Path(current["directory"]), lambda: self.store.delete_checkpoint(path), also=(export,))
 
     def resolve_model_id(self, caller: Caller, model_id: Any, field: str = "model_id") -> EvalTarget:
         """What the plain JSON endpoints accept as `model_id`: the base model's name, a tinker://
@@ -665,9 +583,6 @@ class Worker:
                 f"{len(tokens)} tokens exceed the limit {self.config.max_tokens_per_request} "
                 "(TINK_MAX_TOKENS_PER_REQUEST)", field)
 
-    def _checkpoint_dir(self, caller: Caller, path: str, field: str) -> Path:
-        return Path(self.checkpoint_record(caller, path, field)["directory"])
-
     def _ensure_adapter(self, model_id: str) -> None:
         """After a restart, bring a known model back: fresh adapter, then its last training checkpoint."""
         if self.trainer.has_adapter(model_id):
@@ -709,7 +624,7 @@ class Worker:
         return record
 
     def adapter_for(self, caller: Caller, model_path: str, field: str = "model_path") -> AdapterRef:
-        return _adapter_ref(self.checkpoint_record(caller, model_path, field))
+        return _adapter_ref(self.checkpoints.record(caller, model_path, field))
 
     def resolve_sampling_target(
         self, caller: Caller, sampling_session_id: str | None, model_path: str | None, base_model: str | None

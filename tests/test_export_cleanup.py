@@ -80,7 +80,7 @@ def test_ttl_expiry_removes_the_export_too(server, checkpoints):
     expiring, kept = exported(server, checkpoints["expiring"]), exported(server, checkpoints["kept"])
     server.worker.store.set_checkpoint_expiry(checkpoints["expiring"], time.time() - 1)  # its hour has passed
 
-    assert server.worker.remove_expired_checkpoints() >= 1  # the sweep the timer runs
+    assert server.worker.checkpoints.remove_expired() >= 1  # the sweep the timer runs
 
     assert not expiring.exists()
     assert server.worker.store.get_checkpoint(checkpoints["expiring"]) is None
@@ -124,7 +124,7 @@ def test_the_ttl_sweep_waits_for_an_export_being_written_then_removes_both(serve
     with export_route._one_at_a_time:
         thread, answer = exporting_in_background(server, path)
         server.worker.store.set_checkpoint_expiry(path, time.time() - 1)
-        sweep = threading.Thread(target=server.worker.remove_expired_checkpoints)
+        sweep = threading.Thread(target=server.worker.checkpoints.remove_expired)
         sweep.start()
         sweep.join(2)
         assert sweep.is_alive()  # held by the export, which has not merged yet

@@ -64,7 +64,7 @@ def list_run_checkpoints(model_id: str):
 def delete_checkpoint(model_id: str, segment: str, name: str):
     """Its files, its record and its merged export go; 409 while that export is being written."""
     try:
-        worker().delete_checkpoint(caller(), _path(model_id, segment, name))
+        worker().checkpoints.delete(caller(), _path(model_id, segment, name))
     except ExportInProgressError as exc:  # neither a bad request nor a missing one: retry once it finishes
         return jsonify({"error": str(exc), "field": "checkpoint_id"}), 409
     return "", 204
@@ -73,13 +73,13 @@ def delete_checkpoint(model_id: str, segment: str, name: str):
 @bp.post(f"{_CHECKPOINT}/publish")
 def publish_checkpoint(model_id: str, segment: str, name: str):
     """Every API key of this server may then read it (sample, load, download); only the owner changes it."""
-    worker().set_checkpoint_public(caller(), _path(model_id, segment, name), True)
+    worker().checkpoints.set_public(caller(), _path(model_id, segment, name), True)
     return "", 204
 
 
 @bp.delete(f"{_CHECKPOINT}/publish")
 def unpublish_checkpoint(model_id: str, segment: str, name: str):
-    worker().set_checkpoint_public(caller(), _path(model_id, segment, name), False)
+    worker().checkpoints.set_public(caller(), _path(model_id, segment, name), False)
     return "", 204
 
 
@@ -89,7 +89,7 @@ def set_checkpoint_ttl(model_id: str, segment: str, name: str):
     if "ttl_seconds" not in body:
         raise UserInputError("ttl_seconds is required: seconds from now (3600 to 10 years), or null for never",
                              "ttl_seconds")
-    worker().set_checkpoint_ttl(caller(), _path(model_id, segment, name), body["ttl_seconds"])
+    worker().checkpoints.set_ttl(caller(), _path(model_id, segment, name), body["ttl_seconds"])
     return "", 204
 
 
@@ -98,7 +98,7 @@ def external_weights_urls(model_id: str, segment: str, name: str):
     """The SDK's `ExternalWeightsUrlsResponse`: a signed link per file of an external weights checkpoint."""
     path = _path(model_id, segment, name)
     w = worker()
-    record = w.checkpoint_record(caller(), path, "checkpoint_id")
+    record = w.checkpoints.record(caller(), path, "checkpoint_id")
     if record["kind"] != "external":
         raise UserInputError(
             f"{path} is not an external weights checkpoint; export one with save_weights_external "
@@ -133,7 +133,7 @@ def weights_info():
     path = body.get("tinker_path")
     if not isinstance(path, str):
         raise UserInputError("tinker_path is required: the tinker:// path of a checkpoint", "tinker_path")
-    return jsonify(worker().weights_info(caller(), path))
+    return jsonify(worker().checkpoints.weights_info(caller(), path))
 
 
 @bp.post("/copy_weights")

@@ -42,7 +42,7 @@ def export():
     w, who = worker(), caller()
     directory = export_directory(w.config.state_dir, TinkerPath.parse(path, "path"))
     # In progress from here, queued behind another merge included: deleting the checkpoint meanwhile is a 409.
-    with EXPORTS_IN_PROGRESS.exporting(directory, lambda: w.checkpoint_record(who, path, "path")) as record:
+    with EXPORTS_IN_PROGRESS.exporting(directory, lambda: w.checkpoints.record(who, path, "path")) as record:
         model = w.store.get_model(record["model_id"]) or {}
         source = ExportSource(Path(record["directory"]), model.get("base_model") or w.base_model)
         with _one_at_a_time:
@@ -68,7 +68,7 @@ def list_exports():
             continue
         path = f"tinker://{folder.parent.parent.name}/{folder.parent.name}/{folder.name}"
         try:
-            w.checkpoint_record(who, path, "path")
+            w.checkpoints.record(who, path, "path")
         except UserInputError:  # another key's, or not a checkpoint (any more)
             continue
         found.append({"path": path, "directory": str(folder),
