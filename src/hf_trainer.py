@@ -564,8 +564,8 @@ class HFTrainer:
         ids = torch.zeros(len(tokens), int(lengths.max()), dtype=torch.long)
         for i, t in enumerate(tokens):
             ids[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
-        # The real positions as flat indices made here, not a boolean mask on the GPU: masking there waits
-        # for the forward pass (a sync per micro-batch); so do blocking copies, hence non_blocking below.
+        # The real positions as flat indices made on the host: a boolean mask on the GPU would wait for the
+        # forward pass (a sync per micro-batch), and so would a blocking copy, hence `_to_device`.
         real = (torch.arange(ids.shape[1])[None] < lengths[:, None]).flatten().nonzero().squeeze(1)
         real, ids = (_to_device(t, self.device) for t in (real, ids))
         heads: list[tuple[int, int, Callable[[torch.Tensor], torch.Tensor]]]

@@ -290,12 +290,11 @@ def microbatch_loss(
     if not logprobs:
         return None, []
     inputs = [datum.loss_fn_inputs for datum in data]
+    lp = torch.cat(logprobs)
     if _joinable(loss_fn, logprobs, inputs):
-        lp = torch.cat(logprobs)
         elementwise = compute_loss(loss_fn, lp, _joined_inputs(inputs, lp.device), config).elementwise
     else:  # one datum at a time, e.g. GSPO, whose tokens share their sequence's ratio
         elementwise = torch.cat([compute_loss(loss_fn, one, x, config).elementwise for one, x in zip(logprobs, inputs)])
-        lp = torch.cat(logprobs)
     total = elementwise.sum()
     flat = (lp.detach().float().flatten(), elementwise.detach().float().flatten(), total.detach().float().reshape(1))
     host = torch.cat(flat).cpu().numpy()

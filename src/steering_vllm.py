@@ -136,8 +136,9 @@ class _Slice:
 _lock = threading.Lock()
 _requests: dict[str, _RequestLook] = {}  # vLLM's internal request id -> its instructions
 _plan: list[_Slice] | None = None  # the current step's looking requests; None: nobody looks
-_looking: set[str] = set()  # live vLLM request ids that look inside: while empty, steps skip planning
-_noted: dict[str, tuple[dict[str, Any], int]] = {}  # their wire instructions and prompt lengths, as they arrived
+# Live vLLM request ids that look inside -> their wire instructions and prompt length, as they arrived;
+# while empty, steps skip planning.
+_looking: dict[str, tuple[dict[str, Any], int]] = {}
 _disabled = False  # set when this vLLM's internals are not what the patch reads: the engine serves on
 _hooked: set[int] = set()  # id() of the models that carry the hooks
 _pending: PendingCaptures | None = None  # a static step's captures, read after its forward
@@ -167,7 +168,7 @@ def _patch_runner(module: ModuleType, _targets: tuple = ()) -> None:
     def _prepare_inputs(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any):
         out = prepare(self, scheduler_output, *args, **kwargs)
         if _looking and not _disabled:
-            _plan_step_safely(self, scheduler_output.num_scheduled_tokens)
+            _plan_step_safely(_plan_step, self, scheduler_output.num_scheduled_tokens)
         return out
 
     runner._prepare_inputs, runner._update_states = _prepare_inputs, _update_states
@@ -224,10 +225,7 @@ def _patch_runner_v2(module: ModuleType, _targets: tuple = ()) -> None:
     def prepare_inputs(self: Any, *args: Any, **kwargs: Any):
         batch = prepare(self, *args, **kwargs)
         if _looking and not _disabled:
-            try:
-                _plan_step_v2(self, batch)
-            except Exception:
-                _disable("mapping the step's tokens to requests")
+            _plan_step_safely(_plan_step_v2, self, batch)
         return batch
 
     runner.add_requests, runner.prepare_inputs = add_requests, prepare_inputs
@@ -289,20 +287,19 @@ def _note_requests(scheduler_output: Any) -> None:
         for new in getattr(scheduler_output, "scheduled_new_reqs", ()) or ():
             extra = getattr(getattr(new, "sampling_params", None), "extra_args", None) or {}
             if EXTRA_KEY in extra:
-                _looking.add(new.req_id)
-                _noted[new.req_id] = (extra[EXTRA_KEY], len(new.prompt_token_ids))
+                _looking[new.req_id] = (extra[EXTRA_KEY], len(new.prompt_token_ids))
         finished = scheduler_output.finished_req_ids or ()
-        _looking.difference_update(finished)
         for req_id in finished:
-            _noted.pop(req_id, None)
+            _looking.pop(req_id, None)
         _forget_finished(finished)
     except Exception:  # never take the engine down for an inspection feature
         _disable("reading the scheduler output")
 
 
-def _plan_step_safely(runner: Any, num_scheduled_tokens: dict[str, int]) -> None:
+def _plan_step_safely(plan_step: Any, runner: Any, step: Any) -> None:
+    """`plan_step(runner, step)` (V1's or V2's); a failure turns the feature off, not the engine."""
     try:
-        _plan_step(runner, num_scheduled_tokens)
+        plan_step(runner, step)
     except Exception:
         _disable("mapping the step's tokens to requests")
 
@@ -328,7 +325,7 @@ def _plan_step(runner: Any, num_scheduled_tokens: dict[str, int]) -> None:
     plan, start = [], 0
     for i, req_id in enumerate(batch.req_ids[:batch.num_reqs]):
         count = int(num_scheduled_tokens[req_id])
-        if req_id in _noted:
+        if req_id in _looking:
             plan.append(_Slice(_looking_request(req_id), start, start + count, int(batch.num_computed_tokens_cpu[i])))
         start += count
     _use_plan(runner, plan, start)
@@ -341,13 +338,13 @@ def _plan_step_v2(runner: Any, batch: Any) -> None:
     starts = [int(x) for x in (starts[:batch.num_reqs] if starts is not None else np.cumsum([0] + counts[:-1]))]
     plan = [_Slice(_looking_request(req_id), start, start + count, int(computed))
             for req_id, start, count, computed in zip(batch.req_ids, starts, counts, batch.num_computed_tokens_np)
-            if req_id in _noted]
+            if req_id in _looking]
     _use_plan(runner, plan, int(batch.num_tokens))
 
 
 def _looking_request(req_id: str) -> _RequestLook:
     """The request's instructions and rows so far (kept across preemption: its rows are not read twice)."""
-    return _requests.get(req_id) or _register(req_id, *_noted[req_id])
+    return _requests.get(req_id) or _register(req_id, *_looking[req_id])
 
 
 def _use_plan(runner: Any, plan: list[_Slice], num_tokens: int) -> None:

@@ -441,13 +441,13 @@ def test_the_engine_patch_never_takes_a_vllm_engine_down(caplog):
     class BrokenRunner:  # planning reads attributes this runner lacks
         pass
 
-    steering_vllm._looking.add("req-1")
+    steering_vllm._looking["req-1"] = ({}, 3)
     try:
-        steering_vllm._plan_step_safely(BrokenRunner(), {"req-1": 3})
+        steering_vllm._plan_step_safely(steering_vllm._plan_step, BrokenRunner(), {"req-1": 3})
         assert steering_vllm._disabled and steering_vllm._plan is None
         assert "capture/steering turned off" in caplog.text
     finally:
-        steering_vllm._looking.discard("req-1")
+        steering_vllm._looking.pop("req-1", None)
         steering_vllm._disabled = False
 
 
@@ -504,7 +504,7 @@ def test_model_runner_v2_steps_map_each_looking_request_to_its_rows():
         runner.execute_model(None, dummy_run=True)
         assert seen[-1] is None, "a dummy step runs without the last step's plan"
         runner.execute_model(pytypes.SimpleNamespace(scheduled_new_reqs=[], finished_req_ids={"a"}))
-        assert "a" not in steering_vllm._looking and "a" not in steering_vllm._noted
+        assert "a" not in steering_vllm._looking
         assert not steering_vllm._disabled
     finally:
         steering_vllm._requests.clear()

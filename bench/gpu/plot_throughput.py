@@ -46,15 +46,11 @@ def main() -> None:
     steer = json.loads((args.folder / "steering_0.5b.json").read_text())["engines"]
     fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
 
-    ax = axes[0]
-    bars = {"before:\nteacher forcing": one["direct_vllm_teacher_forced"]["tok_s"],
-            "after: Tink\n(SDK, adapter)": one["compute_logprobs"]["tok_s"],
-            "vLLM prefill\n(base model)": one["direct_vllm_prompt_logprobs"]["tok_s"]}
-    ax.bar(list(bars), list(bars.values()), color=["#bbb", "#2a7", "#468"])
-    ax.set_title("compute_logprobs, 64 x 1,024 tokens, 7B\n(goal: >= 0.5x the prefill)")
-    ax.set_ylabel("scored tokens / s")
-    for i, v in enumerate(bars.values()):
-        ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom")
+    labelled_bars(axes[0], {"before:\nteacher forcing": one["direct_vllm_teacher_forced"]["tok_s"],
+                            "after: Tink\n(SDK, adapter)": one["compute_logprobs"]["tok_s"],
+                            "vLLM prefill\n(base model)": one["direct_vllm_prompt_logprobs"]["tok_s"]},
+                  ["#bbb", "#2a7", "#468"], "compute_logprobs, 64 x 1,024 tokens, 7B\n(goal: >= 0.5x the prefill)",
+                  "scored tokens / s")
 
     ax = axes[1]
     labels, width = ["one by one", "joined", "1 adapter x 64"], 0.25
@@ -66,16 +62,12 @@ def main() -> None:
     ax.set_ylabel("tokens / s")
     ax.legend()
 
-    ax = axes[2]
     passes = [("graphs", "unused", "graphs"), ("eager_unpatched", "unused", "eager\npatch off"),
               ("eager", "unused", "eager\nunused"), ("eager", "mixed", "eager\nhalf steered"),
               ("eager", "steered", "eager\nall steered")]
-    values = [steer[e]["passes"][p]["tok_s"] for e, p, _ in passes]
-    ax.bar([label for _, _, label in passes], values, color=["#468", "#bbb", "#2a7", "#8b5", "#c84"])
-    ax.set_title("sampling with look-inside, 0.5B shape\n256 requests x 128 tokens")
-    ax.set_ylabel("tokens / s")
-    for i, v in enumerate(values):
-        ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom")
+    labelled_bars(axes[2], {label: steer[e]["passes"][p]["tok_s"] for e, p, label in passes},
+                  ["#468", "#bbb", "#2a7", "#8b5", "#c84"], "sampling with look-inside, 0.5B shape\n256 requests x 128 tokens",
+                  "tokens / s")
     fig.suptitle("Tink on one H200, vLLM 0.26 (2026-12-02, third run)")
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
