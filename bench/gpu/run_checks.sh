@@ -10,8 +10,10 @@
 # lm_head  : lm_head_check.py (sampled and native prompt logprobs through lm_head LoRA, per family, vs HF+PEFT),
 #            on vLLM's Model Runner V2 (lm_head_v1: the same on V1)
 # sampling : bench_sampling.py at the 0.5B shape, 64 prompts x 8 x 256 (the issue's batch), 1 adapter then 8 mixed,
-#            Tink's sampler vs LLM.generate in one run each; FlatLogprobs A/B; then Tink with VLLM_PLUGINS= (plugin off)
+#            Tink's sampler vs LLM.generate (with and without logprobs), best of 2, py-spy of one more pass of
+#            Tink's; then Tink with VLLM_PLUGINS= (plugin off)
 # multi    : bench_multi_adapter.py, 8 adapters x 8 x 512 joined vs one by one vs 1 adapter x 64, at 0.5B and 7B
+#            (MULTI_MODELS: the model folders instead)
 # Each step writes into <out>/<step>; <out>/DONE marks the end. vLLM's pieces must be in /tmp/vp and the
 # wheels in .whl (see bench/gpu/README.md).
 set -u
@@ -33,22 +35,22 @@ for step in $steps; do
   case $step in
     steering) timeout 1200 bash bench/gpu/run_steering.sh "$out/steering" > "$out/steering/run.log" 2>&1 ;;
     one_gpu)
-      timeout 1500 python3 bench/gpu/bench_one_gpu.py --shape 7b --out /tmp/b-7b ${ONE_GPU_ARGS:-} > "$out/one_gpu/bench.log" 2>&1
-      cp /tmp/b-7b/bench_one_gpu_7b.json /tmp/b-7b/serve.log "$out/one_gpu/" 2>/dev/null ;;
+      BENCH_PYSPY=1 timeout 1500 python3 bench/gpu/bench_one_gpu.py --shape 7b --out /tmp/b-7b ${ONE_GPU_ARGS:-} > "$out/one_gpu/bench.log" 2>&1
+      cp /tmp/b-7b/bench_one_gpu_7b.json /tmp/b-7b/serve.log /tmp/b-7b/pyspy* "$out/one_gpu/" 2>/dev/null ;;
     lm_head)  # on Model Runner V2, vLLM 0.26's GPU default (an eager engine gets V1 from Tink: lm_head_v1)
       VLLM_USE_V2_MODEL_RUNNER=1 PYTHONPATH=.:/tmp/site timeout 900 python3 bench/gpu/lm_head_check.py /tmp/lmh \
         > "$out/lm_head/check.log" 2>&1 ;;
     lm_head_v1) PYTHONPATH=.:/tmp/site timeout 900 python3 bench/gpu/lm_head_check.py /tmp/lmh > "$out/lm_head_v1/check.log" 2>&1 ;;
     sampling)
-      common="--model $small --prompts 64 --n 8 --max-tokens 256 --prompt-len 32 --rank 32 --skip-hf --gpu-mem 0.4"
-      PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py $common --adapters 1 --flat-ab 2 \
-        > "$out/sampling/one_adapter.log" 2>&1
+      common="--model $small --prompts 64 --n 8 --max-tokens 256 --prompt-len 32 --rank 32 --skip-hf --gpu-mem 0.4 --reps 2"
+      PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py $common --adapters 1 \
+        --pyspy "$out/sampling/pyspy_tink.txt" > "$out/sampling/one_adapter.log" 2>&1
       PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py ${common/--prompts 64/--prompts 8} --adapters 8 \
         > "$out/sampling/eight_adapters.log" 2>&1
       VLLM_PLUGINS= PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py $common --adapters 1 --skip-direct \
         > "$out/sampling/plugin_off.log" 2>&1 ;;
     multi)
-      for model in "$small" "$big"; do
+      for model in ${MULTI_MODELS:-$small $big}; do
         [ -d "$model" ] || continue
         timeout 900 python3 bench/bench_multi_adapter.py --device cuda --dtype bfloat16 --shapes "$model" --models 8 \
           --seqs 8 --min-len 512 --max-len 512 --rank 32 --repeats 2 --checkpointing auto --noise-floor >> "$out/multi/bench.log" 2>&1
