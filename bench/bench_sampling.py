@@ -10,7 +10,8 @@ submitted concurrently from its own thread, as the worker's HTTP threads do.
 Prints tokens/s for each, the ratios (goal: Tink >= 0.95x direct vLLM), and the hot-update latency:
 from a new adapter version written to disk (what `save_weights_for_sampler` returns after) to its
 first sampled token. `--flat-ab K` also times Tink's sampler K times each with vLLM's FlatLogprobs on
-and off, alternating, on the same engine. `--reps K` reports the best of K passes for Tink and for
+and off, alternating, on the same engine; `--at-end-ab K` the same for sending sampled logprobs once per
+request (src/vllm_logprobs_at_end.py) against once per step. `--reps K` reports the best of K passes for Tink and for
 `LLM.generate` (which is timed with and without per-token logprobs: Tink always returns them, as the
 Tinker API does). `--pyspy FILE` records one more, unmeasured pass of Tink's sampler under py-spy
 (this process and its engine core).
@@ -58,7 +59,11 @@ def bench_tink(args, jobs, model: str) -> tuple[float, float, object]:
             rates.append(tokens / (time.perf_counter() - start))
         report_passes("tink passes", rates)
         if args.flat_ab:
-            flat_ab(args, sampler, jobs, pool)
+            from src import vllm_backend
+
+            switch_ab(sampler, jobs, pool, vllm_backend, "FLAT_LOGPROBS", args.flat_ab)
+        if args.at_end_ab:
+            switch_ab(sampler, jobs, pool, sampler, "logprobs_at_end", args.at_end_ab)
         if args.pyspy:
             with py_spy(args.pyspy):
                 count(pool.map(sampler.sample, jobs))
@@ -87,21 +92,19 @@ def py_spy(path: str):
             spy.kill()
 
 
-def flat_ab(args, sampler, jobs, pool) -> None:
-    """The same batch with vLLM's FlatLogprobs on and off, alternating (`--flat-ab` passes of each)."""
-    from src import vllm_backend
-
+def switch_ab(sampler, jobs, pool, holder, name: str, passes: int) -> None:
+    """The same batch with the switch `holder.name` on and off, alternating, `passes` each."""
     rates: dict[bool, list[float]] = {True: [], False: []}
-    shipped = vllm_backend.FLAT_LOGPROBS
-    for _ in range(args.flat_ab):
-        for flat in (False, True):
-            vllm_backend.FLAT_LOGPROBS = flat
+    shipped = getattr(holder, name)
+    for _ in range(passes):
+        for on in (False, True):
+            setattr(holder, name, on)
             start = time.perf_counter()
             tokens = count(pool.map(sampler.sample, jobs))
-            rates[flat].append(tokens / (time.perf_counter() - start))
-    vllm_backend.FLAT_LOGPROBS = shipped
-    best = {flat: max(r) for flat, r in rates.items()}
-    print(f"flat logprobs on / off : {best[True]:10.1f} / {best[False]:.1f} tokens/s (best of {args.flat_ab}), "
+            rates[on].append(tokens / (time.perf_counter() - start))
+    setattr(holder, name, shipped)
+    best = {on: max(r) for on, r in rates.items()}
+    print(f"{name} on / off : {best[True]:10.1f} / {best[False]:.1f} tokens/s (best of {passes}), "
           f"ratio {best[True] / best[False]:.3f}; all: on {[round(r) for r in rates[True]]}, "
           f"off {[round(r) for r in rates[False]]}")
 
@@ -186,6 +189,8 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-direct", action="store_true")
     parser.add_argument("--flat-ab", type=int, default=0, help="passes of Tink with FlatLogprobs on and off")
+    parser.add_argument("--at-end-ab", type=int, default=0,
+                        help="passes of Tink with logprobs sent at each request's end (VLLM_LOGPROBS_AT_END) and per step")
     parser.add_argument("--reps", type=int, default=1, help="timed passes of Tink and of LLM.generate (best reported)")
     parser.add_argument("--pyspy", default=None, help="py-spy raw profile of one more pass of Tink's sampler")
     args = parser.parse_args()

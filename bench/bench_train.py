@@ -18,6 +18,7 @@ GPU and by CPU time, and the GPU's busy fraction (kernel time over wall time): w
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -58,19 +59,20 @@ def timed(step, device: str, repeats: int) -> list[float]:
 class BarePeft:
     """The plain PEFT loop a researcher would write: the model, `get_peft_model`, backward per micro-batch."""
 
-    def __init__(self, folder: str, args, checkpointing: bool):
+    def __init__(self, folder: str, device: str, dtype: str, rank: int, checkpointing: bool):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(args.device)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device)
         if checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             hf.train()  # HF checkpoints only in training mode; these models have no dropout
-        config = LoraConfig(r=args.rank, lora_alpha=32, target_modules=LM_TARGETS, task_type="CAUSAL_LM")
+        config = LoraConfig(r=rank, lora_alpha=32, target_modules=LM_TARGETS, task_type="CAUSAL_LM")
         self.model = get_peft_model(hf, config)
         self.vocab = hf.config.vocab_size
 
     def forward_backward(self, ids: torch.Tensor, sequences_per_microbatch: int) -> None:
+        """Cross-entropy on `ids` (rows of inputs + next token), `backward` once per micro-batch of rows."""
         decoder, head = self.model.base_model.model.model, self.model.base_model.model.lm_head
         rows = max(1, (1 << 26) // self.vocab)  # Tink's chunk size
         for start in range(0, ids.shape[0], sequences_per_microbatch):
@@ -147,7 +149,11 @@ def main() -> None:
         args.profile.mkdir(parents=True, exist_ok=True)
         result["tink_profile"] = profile(tink_step, args.device, args.profile / "tink.txt")
 
-    bare = BarePeft(folder, args, checkpointed)
+    trainer = tink_step = None  # the bare loop loads its own copy of the model: at 7B two would not fit beside it
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    bare = BarePeft(folder, args.device, args.dtype, args.rank, checkpointed)
     per_batch = max(1, microbatches[0] // args.seq)
     device_ids = torch.as_tensor(ids, device=args.device)
 

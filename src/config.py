@@ -70,6 +70,7 @@ _ENV_FIELDS: dict[str, str] = {
     "VLLM_MAX_MODEL_LEN": "vllm_max_model_len",
     "VLLM_ENFORCE_EAGER": "vllm_enforce_eager",
     "VLLM_PROMPT_LOGPROBS": "vllm_prompt_logprobs",
+    "VLLM_LOGPROBS_AT_END": "vllm_logprobs_at_end",
     "VLLM_FALLBACK_RETRY_S": "vllm_fallback_retry_s",
     "VLLM_MAX_NUM_SEQS": "vllm_max_num_seqs",
     "VLLM_MAX_NUM_BATCHED_TOKENS": "vllm_max_num_batched_tokens",
@@ -146,6 +147,7 @@ class Config:
     vllm_max_model_len: int | None = None
     vllm_enforce_eager: bool | None = None  # None: True on CPU
     vllm_prompt_logprobs: str = "auto"  # auto | native | teacher_forced (src/vllm_prompt_logprobs.py)
+    vllm_logprobs_at_end: bool = False  # sampled logprobs once per request (src/vllm_logprobs_at_end.py)
     vllm_fallback_retry_s: float = 30.0
     vllm_max_num_seqs: int | None = None  # None: vLLM's offline (LLM class) default for the device
     vllm_max_num_batched_tokens: int | None = None

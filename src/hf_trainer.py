@@ -53,6 +53,7 @@ from .optimizers import (
     rescale_state,
     set_hyperparameters,
 )
+from .tensors import to_device
 
 log = logging.getLogger(__name__)
 
@@ -565,9 +566,9 @@ class HFTrainer:
         for i, t in enumerate(tokens):
             ids[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
         # The real positions as flat indices made on the host: a boolean mask on the GPU would wait for the
-        # forward pass (a sync per micro-batch), and so would a blocking copy, hence `_to_device`.
+        # forward pass (a sync per micro-batch), and so would a blocking copy, hence `to_device`.
         real = (torch.arange(ids.shape[1])[None] < lengths[:, None]).flatten().nonzero().squeeze(1)
-        real, ids = (_to_device(t, self.device) for t in (real, ids))
+        real, ids = (to_device(t, self.device) for t in (real, ids))
         heads: list[tuple[int, int, Callable[[torch.Tensor], torch.Tensor]]]
         if self._split_head:
             hidden = self._hf.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
@@ -578,7 +579,7 @@ class HFTrainer:
             features = self._hf(input_ids=ids, use_cache=False).logits.flatten(0, 1).index_select(0, real)
             heads = [(0, features.shape[0], _identity)]
         flat = torch.cat([torch.as_tensor(np.asarray(t), dtype=torch.long).reshape(len(t), -1) for t in targets])
-        flat = _to_device(flat, self.device)
+        flat = to_device(flat, self.device)
         rows = max(1, LOGIT_CHUNK_ELEMENTS // self._vocab)
         parts = []
         for first, end, head in heads:  # chunks never span two adapters' tokens
@@ -613,14 +614,6 @@ def _chunk_logprobs(head: Callable[[torch.Tensor], torch.Tensor], features: torc
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device` without waiting for the GPU's queued work (a plain copy would: the
-    next micro-batch's forward could not be launched while the last one's backward runs)."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _next_microbatch(data: list[TrainDatum], start: int, budget_tokens: int) -> list[TrainDatum]:

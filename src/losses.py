@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .backends import UserInputError
+from .tensors import to_device
 
 Inputs = Mapping[str, torch.Tensor | np.ndarray]
 
@@ -323,5 +324,5 @@ def _joined_inputs(inputs: list[Mapping[str, Any]], device: torch.device) -> dic
         if key == "target_tokens":
             continue
         host = torch.from_numpy(np.concatenate([np.asarray(x[key]) for x in inputs]))
-        joined[key] = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+        joined[key] = to_device(host, device)
     return joined

@@ -71,6 +71,7 @@ def _build_vllm_sampler(config: Config, base_model: str, hf: Sampler, vocab_size
             max_cpu_loras=config.vllm_max_cpu_loras, gpu_memory_utilization=plan.gpu_memory_utilization,
             enforce_eager=config.vllm_enforce_eager, max_model_len=config.vllm_max_model_len,
             enable_lora=config.vllm_enable_lora, prompt_logprobs=config.vllm_prompt_logprobs,
+            logprobs_at_end=config.vllm_logprobs_at_end,
             engine_kwargs={k: v for k, v in (("max_num_seqs", config.vllm_max_num_seqs),
                                              ("max_num_batched_tokens", config.vllm_max_num_batched_tokens))
                            if v is not None})

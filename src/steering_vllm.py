@@ -14,8 +14,9 @@ Tink's vLLM plugin (src/vllm_plugin.py) calls `install()` in every vLLM process;
 
 vLLM's Model Runner V2 (`vllm.v1.worker.gpu.model_runner`, the GPU default for dense models since 0.26) is
 patched the same way at its own seams: `add_requests` notes the requests, `prepare_inputs` returns the
-step's `InputBatch` (order, offsets, computed tokens), `execute_model` ends the step. Tink's engine asks for
-V1 when it looks inside (src/vllm_backend.py) unless VLLM_USE_V2_MODEL_RUNNER is set; V2 awaits a GPU run.
+step's `InputBatch` (order, offsets, computed tokens), `execute_model` ends the step. The static hooks pass
+the GPU tests on both runners (H100, vLLM 0.26, CUDA graphs); an eager engine with per-request hooks asks
+for V1 (src/vllm_backend.py) unless VLLM_USE_V2_MODEL_RUNNER is set.
 
 Forward hooks on the decoder layers (and their attention / MLP blocks for those sites) are installed the
 first time a looking request arrives, and return at once while the step's plan is empty: a batch of
@@ -211,7 +212,7 @@ def _patch_runner_v2(module: ModuleType, _targets: tuple = ()) -> None:
     0.26): no persistent batch, and each step's order is fixed by `prepare_inputs`, which returns it as an
     `InputBatch` (request ids, scheduled tokens, token offsets, tokens computed before the step); the runner
     keeps no `extra_args`, so `add_requests` notes them. Its dummy and warm-up steps also pass through
-    `execute_model`, without a looking request. Not yet run on a GPU (see VLLM_README.md)."""
+    `execute_model`, without a looking request. Run on a GPU with the static hooks (VLLM_README.md)."""
     found = _runner_to_patch(module, "add_requests", "prepare_inputs", "execute_model")
     if found is None:
         return

@@ -80,6 +80,7 @@ from .logprob_options import MAX_TOPK_LOGPROBS, check_options
 from .prompt_scoring import alt_seed, assemble, first_scored_row, target_ids, target_rows, top_entries
 from .steering import LookInside
 from .steering_vllm import look_extra_args, request_cache_salt, unpack_captures
+from .vllm_logprobs_at_end import EXTRA_KEY as LOGPROBS_AT_END_KEY
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,8 @@ class VLLMEngineSampler:
                  max_cpu_loras: int | None = None, gpu_memory_utilization: float | None = None,
                  enforce_eager: bool | None = None, max_model_len: int | None = None, dtype: str = "auto",
                  seed: int = 0, enable_lora: bool = True, start_timeout_s: float = 900.0,
-                 engine_kwargs: dict[str, Any] | None = None, prompt_logprobs: str = "auto"):
+                 engine_kwargs: dict[str, Any] | None = None, prompt_logprobs: str = "auto",
+                 logprobs_at_end: bool = False):
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.platforms import current_platform
@@ -296,6 +298,8 @@ class VLLMEngineSampler:
         self.max_lora_rank = vllm_lora_rank(max_lora_rank)
         self.max_cpu_loras = max(max_cpu_loras or max_loras, max_loras)
         self.prompt_logprobs_mode = prompt_logprobs_mode(prompt_logprobs, enable_lora)
+        # Sampled logprobs from the EngineCore once per request, at its end (src/vllm_logprobs_at_end.py)
+        self.logprobs_at_end = logprobs_at_end
         self._base_lora: Any = None  # the identity adapter that base-model requests use on CPU
         self._scratch = tempfile.TemporaryDirectory(prefix="tink-vllm-")
         args = dict(model=base_model, seed=seed, logprobs_mode="processed_logprobs",
@@ -316,9 +320,10 @@ class VLLMEngineSampler:
         from .vllm_plugin import look_inside_setting
 
         self.look_inside_setting = look_inside_setting()  # what the engine's processes read as they start
-        if (args["enforce_eager"] or self.look_inside_setting == "static") and not on_cpu:
-            # Capture and steering hook the V1 model runner (src/steering_vllm.py); vLLM 0.26 picks its
-            # Model Runner V2 for dense models on GPU unless told otherwise. An explicit setting wins.
+        if args["enforce_eager"] and self.look_inside_setting != "static" and not on_cpu:
+            # The per-request hooks are verified on the V1 model runner only (src/steering_vllm.py); vLLM
+            # 0.26 picks its Model Runner V2 for dense models on GPU unless told otherwise. The static
+            # hooks run on both (H100, CUDA graphs). An explicit setting wins.
             os.environ.setdefault(V2_RUNNER_ENV, "0")
         self._args = AsyncEngineArgs(**args)
         self._adapters: OrderedDict[str, Any] = OrderedDict()  # AdapterRef.name -> LoRARequest, LRU first
@@ -378,6 +383,7 @@ class VLLMEngineSampler:
                 "loaded_adapters": len(self.loaded_adapters()), "max_lora_rank": self.max_lora_rank,
                 "prompt_logprobs": self.prompt_logprobs_mode, "operations_in_flight": self.operations_in_flight,
                 "peak_operations_in_flight": self.peak_operations_in_flight, "model_runner": self.model_runner,
+                "logprobs_at_end": self.logprobs_at_end,
                 "cuda_graphs": not self._args.enforce_eager and not self.on_cpu, "looks_inside": self.looks_inside,
                 "memory_plan": self.memory_plan.as_dict() if self.memory_plan is not None else None}
 
@@ -506,13 +512,13 @@ class VLLMEngineSampler:
 
     @property
     def looks_inside(self) -> bool:
-        """On vLLM's V1 model runner (the one src/steering_vllm.py patches): TINK_LOOK_INSIDE=true hooks
-        run Python per step, which a compiled model or CUDA graph skips, so eager engines only; `static`
-        hooks work in any engine that installed their buffers (asked at start)."""
+        """TINK_LOOK_INSIDE=true hooks run Python per step, which a compiled model or CUDA graph skips, so
+        eager engines on vLLM's V1 model runner only; `static` hooks work in any engine, on either model
+        runner, that installed their buffers (asked at start)."""
         setting = self.look_inside_setting
-        if setting == "off" or self.model_runner == "v2":
-            return False
-        return getattr(self, "_static_look", False) if setting == "static" else bool(self._args.enforce_eager)
+        if setting == "static":
+            return getattr(self, "_static_look", False)
+        return setting == "hooks" and self.model_runner != "v2" and bool(self._args.enforce_eager)
 
     async def _take_captures(self, look_id: str, result: SampleResult, copies: int) -> None:
         """Fetch (and free) the request's captured values from the engine's worker (rank 0) into `result`."""
@@ -599,6 +605,8 @@ class VLLMEngineSampler:
         final = None
         try:
             kind = RequestOutputKind.FINAL_ONLY if on_output is None else RequestOutputKind.CUMULATIVE
+            if self.logprobs_at_end and on_output is None and not kwargs.get("stop") and kwargs.get("logprobs") is not None:
+                kwargs = {**kwargs, "extra_args": {**(kwargs.get("extra_args") or {}), LOGPROBS_AT_END_KEY: True}}
             params = VSamplingParams(output_kind=kind, detokenize=bool(kwargs.get("stop")),  # text only for stop
                                      **kwargs)
             latest: dict[int, Any] = {}  # streaming with n > 1: an output carries only the samples that moved

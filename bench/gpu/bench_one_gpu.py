@@ -38,6 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # bench_train's bare PEFT loop (imported where it runs)
 
 SHAPES = {  # random bf16 weights; the tokenizer is Tink's tiny one (ids < 512 are all that is sampled)
     "7b": dict(family="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -205,14 +206,15 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
         seconds = time.time() - t0
         rec["gpu_mib_peak_sample"] = gpu.peak()
         tokens = sum(len(s.tokens) for r in results for s in r.sequences)
-        rec["sample"] = {"tokens": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1)}
-        reps = [rec["sample"]["tok_s"]]
+        first = {"tokens": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1)}
+        rec["sample"] = first
+        reps = [first["tok_s"]]
         for _ in range(args.sample_reps - 1):  # the same batch again: one pass alone does not separate noise
             t1 = time.time()
             again = [f.result() for f in [sampler.sample(types.ModelInput.from_ints(p), args.samples, params)
                                           for p in prompts]]
             reps.append(round(sum(len(s.tokens) for r in again for s in r.sequences) / (time.time() - t1), 1))
-        rec["sample"]["reps_tok_s"] = reps
+        rec["sample"] = {**first, "reps_tok_s": reps}
         rec["grpo_step_s"] = round(steps[-1]["forward_backward_s"] + steps[-1]["optim_step_s"]
                                    + rec.data["save_for_sampler_s"] + seconds, 2)
         rec["logprob_gap"] = sampler_vs_trainer(trainer, prompts[:4], results[:4])
@@ -378,43 +380,25 @@ def run_direct_vllm(args, model: Path, ref: dict, rec: Recorder) -> None:
 
 
 def run_bare_peft(args, model: Path, ref: dict, rec: Recorder) -> None:
-    """A plain PEFT training loop on the same data shape, micro-batches and checkpointing as Tink used."""
+    """A plain PEFT training loop (bench_train.py's) on the same data shape, micro-batches and checkpointing as
+    Tink used; each timed step is its forward_backward and an AdamW step."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from bench_train import BarePeft, synchronize  # imported here: it loads the trainer, needed only now
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
-    if ref["checkpointed"]:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        hf.train()  # HF checkpoints only in training mode; these models have no dropout
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-    peft_model = get_peft_model(hf, LoraConfig(r=32, lora_alpha=32, target_modules=targets, task_type="CAUSAL_LM"))
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
+    bare = BarePeft(str(model), device, "bfloat16" if device == "cuda" else "float32", 32, ref["checkpointed"])
+    optimizer = torch.optim.AdamW([p for p in bare.model.parameters() if p.requires_grad], lr=1e-5)
     rng = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 500, (args.batch, args.seq + 1), generator=rng).to(device)
     per_batch = max(1, ref["microbatches"][0] // args.seq)
     times = []
     for _ in range(args.train_steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.time()
-        for start in range(0, args.batch, per_batch):
-            chunk = ids[start:start + per_batch]
-            hidden = peft_model.base_model.model.model(input_ids=chunk[:, :-1]).last_hidden_state
-            # the same loss Tink computes: fp32 log-softmax over the vocabulary, in chunks of rows
-            loss = 0.0
-            flat, labels = hidden.reshape(-1, hidden.shape[-1]), chunk[:, 1:].reshape(-1)
-            rows = max(1, (1 << 26) // hf.config.vocab_size)
-            for r in range(0, flat.shape[0], rows):
-                logits = peft_model.base_model.model.lm_head(flat[r:r + rows]).float()
-                loss = loss + torch.nn.functional.cross_entropy(logits, labels[r:r + rows], reduction="sum")
-            loss.backward()
+        bare.forward_backward(ids, per_batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(round(time.time() - t0, 3))
     rec["bare_peft"] = {"step_s": times, "microbatch_sequences": per_batch, "checkpointed": ref["checkpointed"],
                         "tok_s": round(args.batch * args.seq / min(times), 1)}

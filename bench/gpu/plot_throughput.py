@@ -2,10 +2,13 @@
 
     python bench/gpu/plot_throughput.py bench/results --png bench/results/throughput_run3.png
     python bench/gpu/plot_throughput.py bench/results --run 4 --png bench/results/throughput_run4.png
+    python bench/gpu/plot_throughput.py bench/results --run 5 --png bench/results/throughput_run5.png
 
 Run 3 reads one_gpu_7b_run3.json (bench_one_gpu.py), multi_adapter_gpu.txt (bench/bench_multi_adapter.py's
 table) and steering_0.5b.json (bench_steering.py); run 4 reads train_0.5b_gpu.json (bench/bench_train.py),
-multi_adapter_gpu.txt and multi_adapter_gpu_run4.txt, and steering_0.5b_run4.json. Needs matplotlib
+multi_adapter_gpu.txt and multi_adapter_gpu_run4.txt, and steering_0.5b_run4.json; run 5 reads
+train_7b_gpu.json and train_7b_is_gpu.json, sampling_0.5b_run5.txt (bench/bench_sampling.py's lines),
+steering_7b_run5.json and multi_adapter_gpu_run5.txt. Needs matplotlib
 (not a Tink dependency).
 """
 
@@ -31,15 +34,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--png", type=Path, required=True)
-    parser.add_argument("--run", type=int, default=3, choices=[3, 4])
+    parser.add_argument("--run", type=int, default=3, choices=[3, 4, 5])
     args = parser.parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if args.run == 4:
-        plot_run4(args.folder, plt).savefig(args.png, dpi=110)
+    if args.run in (4, 5):
+        (plot_run4 if args.run == 4 else plot_run5)(args.folder, plt).savefig(args.png, dpi=110)
         return
     one = json.loads((args.folder / "one_gpu_7b_run3.json").read_text())
     multi = multi_adapter_rows((args.folder / "multi_adapter_gpu.txt").read_text())
@@ -102,6 +105,44 @@ def plot_run4(folder: Path, plt):
                   ["#468", "#2a7", "#8b5", "#c84"], "look-inside under CUDA graphs, 0.5B\n256 requests x 128 tokens",
                   "tokens / s")
     fig.suptitle("Tink on one H100, vLLM 0.26 (2026-12-07, fourth run)")
+    fig.tight_layout()
+    return fig
+
+
+def sampling_rows(text: str) -> list[tuple[float, float, float]]:
+    """(Tink, LLM.generate without logprobs, with logprobs=0) tok/s of each bench_sampling.py run that had both."""
+    tink = [float(v) for v in re.findall(r"tink VLLMEngineSampler :\s+([\d.]+)", text)]
+    direct = [(float(a), float(b)) for a, b in re.findall(r"direct LLM.generate\s+:\s+([\d.]+) tokens/s; "
+                                                           r"with logprobs=0 ([\d.]+)", text)]
+    return [(t, *d) for t, d in zip(tink, direct)]
+
+
+def plot_run5(folder: Path, plt):
+    trains = {loss: json.loads((folder / name).read_text())
+              for loss, name in (("cross_entropy", "train_7b_gpu.json"), ("importance_sampling", "train_7b_is_gpu.json"))}
+    sampling = sampling_rows((folder / "sampling_0.5b_run5.txt").read_text())
+    steer = json.loads((folder / "steering_7b_run5.json").read_text())["engines"]
+    multi = multi_adapter_rows((folder / "multi_adapter_gpu_run5.txt").read_text())["7b"]
+    fig, axes = plt.subplots(1, 4, figsize=(24, 5.5))
+    labelled_bars(axes[0], {f"{who}\n{short}": trains[loss][key]
+                            for loss, short in (("cross_entropy", "CE"), ("importance_sampling", "IS"))
+                            for who, key in (("Tink", "tink_tok_s"), ("bare PEFT", "bare_tok_s"))},
+                  ["#2a7", "#468", "#2a7", "#468"], "forward_backward 64 x 512, 7B, in-process\n(goal: >= 0.95x bare PEFT)",
+                  "tokens / s")
+    labelled_bars(axes[1], {f"{who}\n{label}": row[i] for label, row in zip(("1 ad.", "8 ad."), sampling)
+                            for i, who in enumerate(("Tink", "vLLM\nplain", "vLLM\nlogprobs"))},
+                  ["#2a7", "#bbb", "#468"] * 2, "sampling 64 x 8 x 256, 0.5B\n(Tink returns logprobs on every sample)",
+                  "tokens / s")
+    axes[1].set_title("sampling 64 x 8 x 256, 0.5B: Tink vs LLM.generate\nwithout / with logprobs=0 (Tink returns them)")
+    passes = [("graphs_unpatched", "unused", "V2, patch off\n(default)"), ("graphs_v1_unpatched", "unused", "V1, patch off"),
+              ("graphs_static", "unused", "V1, static\nunused"), ("graphs_static_v2", "unused", "V2, static\nunused"),
+              ("graphs_static_v2", "steered", "V2, static\nall steered")]
+    labelled_bars(axes[2], {label: steer[e]["passes"][p]["tok_s"] for e, p, label in passes},
+                  ["#468", "#bbb", "#8b5", "#2a7", "#c84"],
+                  "look-inside under CUDA graphs, 7B\n(goal: unused >= 0.97x the default)", "tokens / s")
+    labelled_bars(axes[3], dict(zip(("one by one", "joined", "1 adapter x 64"), multi)), ["#bbb", "#2a7", "#468"],
+                  "forward_backward, 8 adapters x 8 x 512, 7B\n(goal: joined >= 0.8x 1 adapter)", "tokens / s")
+    fig.suptitle("Tink on one H100, vLLM 0.26 (2026-12-07, fifth run)")
     fig.tight_layout()
     return fig
 

@@ -10,7 +10,7 @@
 # lm_head  : lm_head_check.py (sampled and native prompt logprobs through lm_head LoRA, per family, vs HF+PEFT),
 #            on vLLM's Model Runner V2 (lm_head_v1: the same on V1)
 # sampling : bench_sampling.py at the 0.5B shape, 64 prompts x 8 x 256 (the batch), 1 adapter then 8 mixed,
-#            Tink's sampler vs LLM.generate (with and without logprobs), best of 2, py-spy of one more pass of
+#            Tink's sampler vs LLM.generate (with and without logprobs), best of 2, logprobs at the end A/B, py-spy of
 #            Tink's; then Tink with VLLM_PLUGINS= (plugin off)
 # multi    : bench_multi_adapter.py, 8 adapters x 8 x 512 joined vs one by one vs 1 adapter x 64, at 0.5B and 7B
 #            (MULTI_MODELS: the model folders instead)
@@ -43,7 +43,7 @@ for step in $steps; do
     lm_head_v1) PYTHONPATH=.:/tmp/site timeout 900 python3 bench/gpu/lm_head_check.py /tmp/lmh > "$out/lm_head_v1/check.log" 2>&1 ;;
     sampling)
       common="--model $small --prompts 64 --n 8 --max-tokens 256 --prompt-len 32 --rank 32 --skip-hf --gpu-mem 0.4 --reps 2"
-      PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py $common --adapters 1 \
+      PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py $common --adapters 1 --at-end-ab 2 \
         --pyspy "$out/sampling/pyspy_tink.txt" > "$out/sampling/one_adapter.log" 2>&1
       PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py ${common/--prompts 64/--prompts 8} --adapters 8 \
         > "$out/sampling/eight_adapters.log" 2>&1

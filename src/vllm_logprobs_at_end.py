@@ -1,0 +1,100 @@
+"""Sampled-token logprobs sent from vLLM's EngineCore once per request, when it ends, not once per step.
+
+vLLM's scheduler hands each request's logprobs of every step to the front end as their own three small
+numpy arrays (`LogprobsLists.slice_request`), which the EngineCore encodes and the front end decodes one by
+one. With 512 sequences in flight that is ~1,500 arrays a step; on an H100 at the 0.5B shape the front end
+(Tink's worker process) spent two thirds of a sampling pass decoding them (py-spy,
+bench/results/sampling_0.5b_run5.txt), and `LLM.generate` asked for the same logprobs ran at 0.66x of
+itself without them, Tink at 1.00x of it.
+
+A request that only wants its final output (`RequestOutputKind.FINAL_ONLY`) needs its logprobs only then.
+For requests Tink marks (`SamplingParams.extra_args[EXTRA_KEY]`: final output only, no stop strings, which
+the front end would apply mid-stream), this patch wraps `Scheduler.update_from_output` in the EngineCore:
+it keeps each step's slices and sends them all with the request's last output, joined into one
+`LogprobsLists` of as many positions as tokens (the shape speculative decoding already sends). The front
+end's `LogprobsProcessor` appends positions in order whatever their count, so the final RequestOutput is
+the same. Unmarked requests (a user's own `vllm serve` with the plugin installed, `LLM.generate`) are left
+as they are. Installed in every vLLM process by src/vllm_plugin.py; any surprise turns it off, logged, and
+the engine goes on serving per-step logprobs.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_MODULE = "vllm.v1.core.sched.scheduler"  # AsyncScheduler inherits update_from_output
+EXTRA_KEY = "tink_logprobs_at_end"
+_PATCHED = "_tink_logprobs_at_end"
+_HELD = "_tink_held_logprobs"  # on each scheduler: request id -> its steps' LogprobsLists so far
+_disabled = False
+
+
+def patch_scheduler(module: ModuleType, _targets: tuple[str, ...] = ()) -> None:
+    scheduler = getattr(module, "Scheduler", None)
+    update = getattr(scheduler, "update_from_output", None)
+    if update is None or getattr(scheduler, _PATCHED, False):
+        return
+
+    def update_from_output(self: Any, *args: Any, **kwargs: Any):
+        outputs = update(self, *args, **kwargs)
+        if not _disabled:
+            try:
+                hold_back(self, outputs)
+            except Exception:  # never take the engine down for a transport shortcut
+                _disable(self)
+        return outputs
+
+    scheduler.update_from_output = update_from_output
+    setattr(scheduler, _PATCHED, True)
+
+
+def hold_back(scheduler: Any, outputs: dict[int, Any]) -> None:
+    """Move marked requests' per-step logprobs from `outputs` into the scheduler, and back out, all of them
+    at once, into each such request's last output."""
+    held: dict[str, list[Any]] = scheduler.__dict__.setdefault(_HELD, {})
+    requests = scheduler.requests
+    for batch in outputs.values():
+        for out in batch.outputs:
+            step = out.new_logprobs
+            if step is None:
+                continue
+            steps = held.get(out.request_id)
+            if out.finish_reason is not None:
+                if steps is not None:
+                    del held[out.request_id]
+                    steps.append(step)
+                    out.new_logprobs = _joined(steps)
+                continue
+            if steps is None:
+                request = requests.get(out.request_id)
+                extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
+                if not extra or not extra.get(EXTRA_KEY):
+                    continue
+                steps = held[out.request_id] = []
+            # The step's slices themselves, no copy: vLLM 0.26 and 0.32 put each step's logprobs in host
+            # arrays of their own (a fresh `.to("cpu")` on GPU, the sampler's new tensors on CPU).
+            steps.append(step)
+            out.new_logprobs = None
+    for request_id in [r for r in held if r not in requests]:  # aborted: no last output will come
+        del held[request_id]
+
+
+def _joined(steps: list[Any]) -> Any:
+    """One LogprobsLists of every step's positions, in order."""
+    fields = zip(*((s.logprob_token_ids, s.logprobs, s.sampled_token_ranks) for s in steps))
+    return type(steps[-1])(*(np.concatenate(arrays) for arrays in fields), None)
+
+
+def _disable(scheduler: Any) -> None:
+    """Off for the rest of this process. Requests with logprobs held back cannot be completed any more:
+    their final output would miss positions, so the error is logged and they keep what the front end has."""
+    global _disabled
+    _disabled = True
+    scheduler.__dict__.pop(_HELD, None)
+    log.exception("tink vllm plugin: sending logprobs at the end of each request turned off")

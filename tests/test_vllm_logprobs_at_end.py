@@ -1,0 +1,116 @@
+"""Sampled logprobs sent once per request, at its end (src/vllm_logprobs_at_end.py).
+
+The scheduler patch on vLLM's own output types and wire encoding (no engine), then the real engine: the
+same seeded tokens and logprobs with the patch's marker on and off, many requests held at once.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from src.backends import SampleJob, SamplingParams
+from tests import vllm_fixtures
+from tests.vllm_fixtures import requires_vllm
+
+vllm_adapters, vllm_engine = vllm_fixtures.vllm_adapters, vllm_fixtures.vllm_engine  # session fixtures
+
+pytestmark = [pytest.mark.vllm, requires_vllm]
+
+
+class Scheduler:
+    """What the patch reads of vLLM's Scheduler: its live requests by id."""
+
+    def __init__(self, marked: set[str], unmarked: set[str]):
+        self.requests = {rid: types.SimpleNamespace(sampling_params=types.SimpleNamespace(
+            extra_args={"tink_logprobs_at_end": True} if rid in marked else None)) for rid in marked | unmarked}
+
+
+def step_outputs(tokens: dict[str, int], finished: set[str] = frozenset()):
+    """One step's EngineCoreOutputs as vLLM's scheduler builds them: every request's logprobs are a slice
+    (`slice_request`) of the step's batch arrays. Token t has logprob -t / 10 and rank t % 3."""
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+    from vllm.v1.outputs import LogprobsLists
+
+    ids = np.array([[t] for t in tokens.values()], dtype=np.int32)
+    batch = LogprobsLists(ids, -ids.astype(np.float32) / 10, (ids[:, 0] % 3).astype(np.int32))
+    outs = [EngineCoreOutput(request_id=rid, new_token_ids=[t], new_logprobs=batch.slice_request(i, 1),
+                             finish_reason=FinishReason.LENGTH if rid in finished else None)
+            for i, (rid, t) in enumerate(tokens.items())]
+    return {0: EngineCoreOutputs(outputs=outs)}
+
+
+def by_request(outputs) -> dict:
+    return {out.request_id: out for out in outputs[0].outputs}
+
+
+def test_marked_requests_get_every_position_with_their_last_output():
+    from vllm.v1.engine import EngineCoreOutputs
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from src import vllm_logprobs_at_end as at_end
+
+    scheduler = Scheduler(marked={"a", "c"}, unmarked={"b"})
+    first = step_outputs({"a": 5, "b": 6, "c": 7})
+    at_end.hold_back(scheduler, first)
+    out = by_request(first)
+    assert out["a"].new_logprobs is None and out["c"].new_logprobs is None, "held back in the EngineCore"
+    assert out["b"].new_logprobs.logprob_token_ids.tolist() == [[6]], "an unmarked request is left alone"
+
+    second = step_outputs({"a": 8, "b": 9, "c": 4}, finished={"a"})
+    del scheduler.requests["a"]  # vLLM frees a finished request before it returns the step's outputs
+    at_end.hold_back(scheduler, second)
+    last = by_request(second)["a"].new_logprobs
+    assert last.logprob_token_ids.tolist() == [[5], [8]]
+    assert last.logprobs[:, 0].tolist() == pytest.approx([-0.5, -0.8])
+    assert last.sampled_token_ranks.tolist() == [2, 2] and last.logprob_token_ids.dtype == np.int32
+
+    # The front end decodes what the EngineCore sends: the joined positions survive vLLM's wire format.
+    encoded = MsgpackEncoder().encode(EngineCoreOutputs(outputs=second[0].outputs))
+    decoded = by_request({0: MsgpackDecoder(EngineCoreOutputs).decode(encoded)})
+    assert decoded["a"].new_logprobs.logprobs.shape == (2, 1) and decoded["c"].new_logprobs is None
+
+    del scheduler.requests["c"]  # aborted: no last output will come
+    at_end.hold_back(scheduler, step_outputs({"b": 3}))
+    assert not scheduler.__dict__[at_end._HELD], "an aborted request's rows are dropped"
+
+
+def test_a_request_done_in_one_step_passes_through():
+    from src import vllm_logprobs_at_end as at_end
+
+    scheduler = Scheduler(marked=set(), unmarked=set())  # already freed when the patch sees its output
+    outputs = step_outputs({"a": 5}, finished={"a"})
+    at_end.hold_back(scheduler, outputs)
+    assert by_request(outputs)["a"].new_logprobs.logprob_token_ids.tolist() == [[5]]
+
+
+def test_the_plugin_patches_the_scheduler(vllm_engine):
+    """Once the plugin registered in a process (the engine's start did here), vLLM's scheduler carries the
+    patch as soon as it is imported, as in the EngineCore process."""
+    import vllm.v1.core.sched.scheduler as scheduler_module
+
+    assert getattr(scheduler_module.Scheduler, "_tink_logprobs_at_end", False)
+
+
+def test_logprobs_at_end_give_the_same_results(vllm_engine, vllm_adapters, monkeypatch):
+    """The same seeded tokens and logprobs with the marker on and off: n = 4 sequences held at once per job,
+    two adapters and the base model, top-k logprobs, and a stop-string job (never marked)."""
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=7, stop_at_eos=False)
+    jobs = [SampleJob([1, 40, 41, 97, 12], 4, params, vllm_adapters["a"]),
+            SampleJob([1, 200, 7], 4, params, vllm_adapters["b"]),
+            SampleJob([1, 33, 34, 35], 4, params, None, topk_sample_logprobs=3),
+            SampleJob([1, 60, 61], 2, SamplingParams(max_tokens=24, temperature=1.0, seed=7, stop_at_eos=False,
+                                                     stop_strings=("zz",)), None)]
+    results = {}
+    for at_end in (False, True):
+        monkeypatch.setattr(vllm_engine, "logprobs_at_end", at_end)
+        assert vllm_engine.health()["logprobs_at_end"] is at_end
+        results[at_end] = [vllm_engine.sample(job) for job in jobs]
+    for per_step, at_end in zip(results[False], results[True]):
+        for a, b in zip(per_step.sequences, at_end.sequences):
+            assert a.tokens == b.tokens and len(b.logprobs) == len(b.tokens) == 24
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-6)
+            assert a.topk_logprobs == b.topk_logprobs
+    assert results[True][2].sequences[0].topk_logprobs, "the top-k job returned its top-k logprobs"
