@@ -35,6 +35,7 @@ lint: setup
 bench: setup
 	$(PY) bench/bench_sampling.py
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_logprob_transport.py
 
 lock:                ## re-resolve requirements.in into requirements.lock (then run `make test`)
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q --upgrade pip
