@@ -114,3 +114,18 @@ def test_logprobs_at_end_give_the_same_results(vllm_engine, vllm_adapters, monke
             assert a.logprobs == pytest.approx(b.logprobs, abs=1e-6)
             assert a.topk_logprobs == b.topk_logprobs
     assert results[True][2].sequences[0].topk_logprobs, "the top-k job returned its top-k logprobs"
+
+
+def test_the_transport_benchmark_sends_every_position():
+    """bench/bench_logprob_transport.py (in `make bench`) on a few requests: what it times is what the engine
+    sends, every step's position at the end with the patch and one per step without."""
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_logprob_transport", REPO / "bench/bench_logprob_transport.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for mode in ("none", "per_step", "at_end"):
+        timings = bench.run(requests=8, steps=5, mode=mode)
+        assert timings["engine_s"] > 0 and timings["front_s"] > 0
