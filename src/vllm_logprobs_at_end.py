@@ -14,8 +14,8 @@ it keeps each step's slices and sends them all with the request's last output, j
 `LogprobsLists` of as many positions as tokens (the shape speculative decoding already sends). The front
 end's `LogprobsProcessor` appends positions in order whatever their count, so the final RequestOutput is
 the same. Unmarked requests (a user's own `vllm serve` with the plugin installed, `LLM.generate`) are left
-as they are. Installed in every vLLM process by src/vllm_plugin.py; any surprise turns it off, logged, and
-the engine goes on serving per-step logprobs.
+as they are. Installed in every vLLM process by src/vllm_plugin.py; any surprise turns it off, logged: the
+requests already held still get all their positions, later ones get per-step logprobs again.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def patch_scheduler(module: ModuleType, _targets: tuple[str, ...] = ()) -> None:
 
     def update_from_output(self: Any, *args: Any, **kwargs: Any):
         outputs = update(self, *args, **kwargs)
-        if not _disabled:
+        if not _disabled or self.__dict__.get(_HELD):
             try:
-                hold_back(self, outputs)
+                hold_back(self, outputs, start=not _disabled)
             except Exception:  # never take the engine down for a transport shortcut
                 _disable(self)
         return outputs
@@ -54,9 +54,9 @@ def patch_scheduler(module: ModuleType, _targets: tuple[str, ...] = ()) -> None:
     setattr(scheduler, _PATCHED, True)
 
 
-def hold_back(scheduler: Any, outputs: dict[int, Any]) -> None:
+def hold_back(scheduler: Any, outputs: dict[int, Any], start: bool = True) -> None:
     """Move marked requests' per-step logprobs from `outputs` into the scheduler, and back out, all of them
-    at once, into each such request's last output."""
+    at once, into each such request's last output. `start=False`: only finish the requests already held."""
     held: dict[str, list[Any]] = scheduler.__dict__.setdefault(_HELD, {})
     requests = scheduler.requests
     for batch in outputs.values():
@@ -72,6 +72,8 @@ def hold_back(scheduler: Any, outputs: dict[int, Any]) -> None:
                     out.new_logprobs = _joined(steps)
                 continue
             if steps is None:
+                if not start:
+                    continue
                 request = requests.get(out.request_id)
                 extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
                 if not extra or not extra.get(EXTRA_KEY):
@@ -92,9 +94,11 @@ def _joined(steps: list[Any]) -> Any:
 
 
 def _disable(scheduler: Any) -> None:
-    """Off for the rest of this process. Requests with logprobs held back cannot be completed any more:
-    their final output would miss positions, so the error is logged and they keep what the front end has."""
+    """No new request is held back in this process. The first failure lets the requests already held finish
+    (with every position); if finishing them fails too, their held positions are dropped (their final output
+    then lacks them) rather than the engine stopping."""
     global _disabled
+    if _disabled:
+        scheduler.__dict__.pop(_HELD, None)
     _disabled = True
-    scheduler.__dict__.pop(_HELD, None)
     log.exception("tink vllm plugin: sending logprobs at the end of each request turned off")

@@ -86,6 +86,37 @@ def test_a_request_done_in_one_step_passes_through():
     assert by_request(outputs)["a"].new_logprobs.logprob_token_ids.tolist() == [[5]]
 
 
+def test_a_failure_stops_new_holds_and_finishes_the_held(caplog):
+    """The patch never takes the engine down: after an error it holds nothing new, and the requests it holds
+    still get every position with their last output."""
+    from src import vllm_logprobs_at_end as at_end
+
+    steps = iter([step_outputs({"a": 5}), {0: object()}, step_outputs({"a": 8, "d": 2}, finished={"a"}),
+                  step_outputs({"d": 3})])
+
+    class Scheduler:  # vLLM's, as far as the patch sees it
+        def __init__(self):
+            self.requests = {rid: types.SimpleNamespace(sampling_params=types.SimpleNamespace(
+                extra_args={"tink_logprobs_at_end": True})) for rid in ("a", "d")}
+
+        def update_from_output(self, *args):
+            return next(steps)
+
+    at_end.patch_scheduler(types.SimpleNamespace(Scheduler=Scheduler))
+    scheduler = Scheduler()
+    try:
+        assert by_request(scheduler.update_from_output())["a"].new_logprobs is None
+        scheduler.update_from_output()  # an output the patch cannot read
+        assert at_end._disabled and "turned off" in caplog.text
+        del scheduler.requests["a"]
+        finished = by_request(scheduler.update_from_output())
+        assert finished["a"].new_logprobs.logprob_token_ids.tolist() == [[5], [8]], "the held request completes"
+        assert finished["d"].new_logprobs is not None, "nothing new is held"
+        assert by_request(scheduler.update_from_output())["d"].new_logprobs is not None
+    finally:
+        at_end._disabled = False
+
+
 def test_the_plugin_patches_the_scheduler(vllm_engine):
     """Once the plugin registered in a process (the engine's start did here), vLLM's scheduler carries the
     patch as soon as it is imported, as in the EngineCore process."""
