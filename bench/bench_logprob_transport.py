@@ -2,8 +2,8 @@
 
 No model: vLLM's own output types and wire encoding (MsgpackEncoder / MsgpackDecoder of EngineCoreOutputs),
 for R requests decoding S steps with `logprobs=0`, as the scheduler builds them (each request's logprobs a
-slice of the step's batch arrays). Timed: the EngineCore's side (src/vllm_logprobs_at_end.py's hold-back,
-when on, and the encoding) and the front end's (decoding), per step and at the end, against the same steps
+slice of the step's batch arrays). Timed: the EngineCore's side (the scheduler patched by
+src/vllm_logprobs_at_end.py, its requests marked or not, and the encoding) and the front end's (decoding), per step and at the end, against the same steps
 without logprobs at all. On an H100 at the 0.5B shape the front end's decoding bounded sampling
 (bench/results/sampling_0.5b_run5.txt); this isolates that cost on any machine.
 
@@ -31,9 +31,21 @@ def run(requests: int, steps: int, mode: str) -> dict[str, float]:
 
     from src import vllm_logprobs_at_end as at_end
 
-    ids = [f"req-{i}" for i in range(requests)]
-    marked = types.SimpleNamespace(extra_args={at_end.EXTRA_KEY: True})
-    scheduler = types.SimpleNamespace(requests={rid: types.SimpleNamespace(sampling_params=marked) for rid in ids})
+    class Scheduler:  # the two methods of vLLM's that the patch wraps
+        def __init__(self):
+            self.requests = {}
+
+        def add_request(self, request):
+            self.requests[request.request_id] = request
+
+        def update_from_output(self, outputs):
+            return outputs
+
+    at_end.patch_scheduler(types.SimpleNamespace(Scheduler=Scheduler))
+    scheduler, ids = Scheduler(), [f"req-{i}" for i in range(requests)]
+    params = types.SimpleNamespace(extra_args={at_end.EXTRA_KEY: True} if mode == "at_end" else None)
+    for rid in ids:
+        scheduler.add_request(types.SimpleNamespace(request_id=rid, sampling_params=params))
     encoder, decoder = MsgpackEncoder(), MsgpackDecoder(EngineCoreOutputs)
     rng = np.random.default_rng(0)
     engine_s = front_s = 0.0
@@ -49,9 +61,7 @@ def run(requests: int, steps: int, mode: str) -> dict[str, float]:
                    for i, rid in enumerate(ids)]
         if last:
             scheduler.requests.clear()  # vLLM frees finished requests before it returns their outputs
-        step_outputs = {0: EngineCoreOutputs(outputs=outputs)}
-        if mode == "at_end":
-            at_end.hold_back(scheduler, step_outputs)
+        step_outputs = scheduler.update_from_output({0: EngineCoreOutputs(outputs=outputs)})
         frames = encoder.encode(step_outputs[0])
         engine_s += time.perf_counter() - start
         start = time.perf_counter()

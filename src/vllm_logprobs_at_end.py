@@ -9,13 +9,14 @@ itself without them, Tink at 1.00x of it.
 
 A request that only wants its final output (`RequestOutputKind.FINAL_ONLY`) needs its logprobs only then.
 For requests Tink marks (`SamplingParams.extra_args[EXTRA_KEY]`: final output only, no stop strings, which
-the front end would apply mid-stream), this patch wraps `Scheduler.update_from_output` in the EngineCore:
-it keeps each step's slices and sends them all with the request's last output, joined into one
-`LogprobsLists` of as many positions as tokens (the shape speculative decoding already sends). The front
-end's `LogprobsProcessor` appends positions in order whatever their count, so the final RequestOutput is
-the same. Unmarked requests (a user's own `vllm serve` with the plugin installed, `LLM.generate`) are left
-as they are. Installed in every vLLM process by src/vllm_plugin.py; any surprise turns it off, logged: the
-requests already held still get all their positions, later ones get per-step logprobs again.
+the front end would apply mid-stream), this patch wraps the EngineCore's `Scheduler`: `add_request` notes
+the marked ones, and `update_from_output` keeps their steps' slices and sends them with each one's last
+output, joined into one `LogprobsLists` of as many positions as tokens (the shape speculative decoding
+already sends). The front end's `LogprobsProcessor` appends positions in order whatever their count, so
+the final RequestOutput is the same. Unmarked requests (a user's own `vllm serve` with the plugin
+installed, `LLM.generate`) are left as they are. Installed in every vLLM process by src/vllm_plugin.py;
+any surprise turns it off, logged: the requests already marked still get all their positions, later ones
+get per-step logprobs again.
 """
 
 from __future__ import annotations
@@ -28,63 +29,65 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SCHEDULER_MODULE = "vllm.v1.core.sched.scheduler"  # AsyncScheduler inherits update_from_output
+SCHEDULER_MODULE = "vllm.v1.core.sched.scheduler"  # AsyncScheduler inherits both methods patched
 EXTRA_KEY = "tink_logprobs_at_end"
 _PATCHED = "_tink_logprobs_at_end"
-_HELD = "_tink_held_logprobs"  # on each scheduler: request id -> its steps' LogprobsLists so far
+_MARKED = "_tink_logprobs_marked"  # on each scheduler: ids of the live requests to hold back
+_HELD = "_tink_held_logprobs"  # on each scheduler: request id -> its earlier steps' LogprobsLists
 _disabled = False
 
 
 def patch_scheduler(module: ModuleType, _targets: tuple[str, ...] = ()) -> None:
+    """Marks a request as the scheduler takes it (once per request, not per step); while no live request is
+    marked, a step costs one dict lookup."""
     scheduler = getattr(module, "Scheduler", None)
-    update = getattr(scheduler, "update_from_output", None)
-    if update is None or getattr(scheduler, _PATCHED, False):
+    add, update = getattr(scheduler, "add_request", None), getattr(scheduler, "update_from_output", None)
+    if add is None or update is None or getattr(scheduler, _PATCHED, False):
         return
+
+    def add_request(self: Any, request: Any, *args: Any, **kwargs: Any):
+        out = add(self, request, *args, **kwargs)
+        extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
+        if extra and extra.get(EXTRA_KEY) and not _disabled:
+            self.__dict__.setdefault(_MARKED, set()).add(request.request_id)
+        return out
 
     def update_from_output(self: Any, *args: Any, **kwargs: Any):
         outputs = update(self, *args, **kwargs)
-        if not _disabled or self.__dict__.get(_HELD):
+        if self.__dict__.get(_MARKED):
             try:
-                hold_back(self, outputs, start=not _disabled)
+                hold_back(self, outputs)
             except Exception:  # never take the engine down for a transport shortcut
                 _disable(self)
         return outputs
 
-    scheduler.update_from_output = update_from_output
+    scheduler.add_request, scheduler.update_from_output = add_request, update_from_output
     setattr(scheduler, _PATCHED, True)
 
 
-def hold_back(scheduler: Any, outputs: dict[int, Any], start: bool = True) -> None:
+def hold_back(scheduler: Any, outputs: dict[int, Any]) -> None:
     """Move marked requests' per-step logprobs from `outputs` into the scheduler, and back out, all of them
-    at once, into each such request's last output. `start=False`: only finish the requests already held."""
+    at once, into each such request's last output."""
+    marked: set[str] = scheduler.__dict__[_MARKED]
     held: dict[str, list[Any]] = scheduler.__dict__.setdefault(_HELD, {})
-    requests = scheduler.requests
     for batch in outputs.values():
         for out in batch.outputs:
-            step = out.new_logprobs
-            if step is None:
+            request_id, step = out.request_id, out.new_logprobs
+            if request_id not in marked or step is None:
                 continue
-            steps = held.get(out.request_id)
-            if out.finish_reason is not None:
-                if steps is not None:
-                    del held[out.request_id]
-                    steps.append(step)
-                    out.new_logprobs = _joined(steps)
+            if out.finish_reason is None:
+                # The step's slices themselves, no copy: vLLM 0.26 and 0.32 put each step's logprobs in host
+                # arrays of their own (a fresh `.to("cpu")` on GPU, the sampler's new tensors on CPU).
+                held.setdefault(request_id, []).append(step)
+                out.new_logprobs = None
                 continue
-            if steps is None:
-                if not start:
-                    continue
-                request = requests.get(out.request_id)
-                extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
-                if not extra or not extra.get(EXTRA_KEY):
-                    continue
-                steps = held[out.request_id] = []
-            # The step's slices themselves, no copy: vLLM 0.26 and 0.32 put each step's logprobs in host
-            # arrays of their own (a fresh `.to("cpu")` on GPU, the sampler's new tensors on CPU).
-            steps.append(step)
-            out.new_logprobs = None
-    for request_id in [r for r in held if r not in requests]:  # aborted: no last output will come
-        del held[request_id]
+            marked.discard(request_id)
+            earlier = held.pop(request_id, None)
+            if earlier:
+                out.new_logprobs = _joined([*earlier, step])
+    for request_id in [r for r in marked if r not in scheduler.requests]:  # aborted: no last output will come
+        marked.discard(request_id)
+        held.pop(request_id, None)
 
 
 def _joined(steps: list[Any]) -> Any:
@@ -94,11 +97,12 @@ def _joined(steps: list[Any]) -> Any:
 
 
 def _disable(scheduler: Any) -> None:
-    """No new request is held back in this process. The first failure lets the requests already held finish
-    (with every position); if finishing them fails too, their held positions are dropped (their final output
-    then lacks them) rather than the engine stopping."""
+    """No new request is marked in this process. The first failure lets the requests already marked finish
+    (with every position); if finishing them fails too, they are dropped (their final output then lacks the
+    held positions) rather than the engine stopping."""
     global _disabled
     if _disabled:
+        scheduler.__dict__.pop(_MARKED, None)
         scheduler.__dict__.pop(_HELD, None)
     _disabled = True
     log.exception("tink vllm plugin: sending logprobs at the end of each request turned off")

@@ -20,12 +20,28 @@ vllm_adapters, vllm_engine = vllm_fixtures.vllm_adapters, vllm_fixtures.vllm_eng
 pytestmark = [pytest.mark.vllm, requires_vllm]
 
 
-class Scheduler:
-    """What the patch reads of vLLM's Scheduler: its live requests by id."""
+def patched_scheduler(marked: set[str] = frozenset(), unmarked: set[str] = frozenset(), steps=None):
+    """A scheduler with the two methods the patch wraps, patched: `add_request` keeps the request (vLLM's
+    keeps its live ones in `requests`), `update_from_output` returns the next of `steps` or its argument."""
+    from src import vllm_logprobs_at_end as at_end
 
-    def __init__(self, marked: set[str], unmarked: set[str]):
-        self.requests = {rid: types.SimpleNamespace(sampling_params=types.SimpleNamespace(
-            extra_args={"tink_logprobs_at_end": True} if rid in marked else None)) for rid in marked | unmarked}
+    class Scheduler:
+        def __init__(self):
+            self.requests = {}
+
+        def add_request(self, request):
+            self.requests[request.request_id] = request
+
+        def update_from_output(self, outputs=None):
+            return next(steps) if steps is not None else outputs
+
+    at_end.patch_scheduler(types.SimpleNamespace(Scheduler=Scheduler))
+    scheduler = Scheduler()
+    for rid in sorted(marked | unmarked):
+        extra = {"tink_logprobs_at_end": True} if rid in marked else None
+        scheduler.add_request(types.SimpleNamespace(request_id=rid,
+                                                    sampling_params=types.SimpleNamespace(extra_args=extra)))
+    return scheduler
 
 
 def step_outputs(tokens: dict[str, int], finished: set[str] = frozenset()):
@@ -52,16 +68,14 @@ def test_marked_requests_get_every_position_with_their_last_output():
 
     from src import vllm_logprobs_at_end as at_end
 
-    scheduler = Scheduler(marked={"a", "c"}, unmarked={"b"})
-    first = step_outputs({"a": 5, "b": 6, "c": 7})
-    at_end.hold_back(scheduler, first)
+    scheduler = patched_scheduler(marked={"a", "c"}, unmarked={"b"})
+    first = scheduler.update_from_output(step_outputs({"a": 5, "b": 6, "c": 7}))
     out = by_request(first)
     assert out["a"].new_logprobs is None and out["c"].new_logprobs is None, "held back in the EngineCore"
     assert out["b"].new_logprobs.logprob_token_ids.tolist() == [[6]], "an unmarked request is left alone"
 
-    second = step_outputs({"a": 8, "b": 9, "c": 4}, finished={"a"})
     del scheduler.requests["a"]  # vLLM frees a finished request before it returns the step's outputs
-    at_end.hold_back(scheduler, second)
+    second = scheduler.update_from_output(step_outputs({"a": 8, "b": 9, "c": 4}, finished={"a"}))
     last = by_request(second)["a"].new_logprobs
     assert last.logprob_token_ids.tolist() == [[5], [8]]
     assert last.logprobs[:, 0].tolist() == pytest.approx([-0.5, -0.8])
@@ -73,16 +87,14 @@ def test_marked_requests_get_every_position_with_their_last_output():
     assert decoded["a"].new_logprobs.logprobs.shape == (2, 1) and decoded["c"].new_logprobs is None
 
     del scheduler.requests["c"]  # aborted: no last output will come
-    at_end.hold_back(scheduler, step_outputs({"b": 3}))
+    scheduler.update_from_output(step_outputs({"b": 3}))
     assert not scheduler.__dict__[at_end._HELD], "an aborted request's rows are dropped"
 
 
 def test_a_request_done_in_one_step_passes_through():
-    from src import vllm_logprobs_at_end as at_end
-
-    scheduler = Scheduler(marked=set(), unmarked=set())  # already freed when the patch sees its output
-    outputs = step_outputs({"a": 5}, finished={"a"})
-    at_end.hold_back(scheduler, outputs)
+    scheduler = patched_scheduler(marked={"a"})
+    del scheduler.requests["a"]  # already freed when the patch sees its output
+    outputs = scheduler.update_from_output(step_outputs({"a": 5}, finished={"a"}))
     assert by_request(outputs)["a"].new_logprobs.logprob_token_ids.tolist() == [[5]]
 
 
@@ -93,21 +105,13 @@ def test_a_failure_stops_new_holds_and_finishes_the_held(caplog):
 
     steps = iter([step_outputs({"a": 5}), {0: object()}, step_outputs({"a": 8, "d": 2}, finished={"a"}),
                   step_outputs({"d": 3})])
-
-    class Scheduler:  # vLLM's, as far as the patch sees it
-        def __init__(self):
-            self.requests = {rid: types.SimpleNamespace(sampling_params=types.SimpleNamespace(
-                extra_args={"tink_logprobs_at_end": True})) for rid in ("a", "d")}
-
-        def update_from_output(self, *args):
-            return next(steps)
-
-    at_end.patch_scheduler(types.SimpleNamespace(Scheduler=Scheduler))
-    scheduler = Scheduler()
+    scheduler = patched_scheduler(marked={"a"}, steps=steps)
     try:
         assert by_request(scheduler.update_from_output())["a"].new_logprobs is None
         scheduler.update_from_output()  # an output the patch cannot read
         assert at_end._disabled and "turned off" in caplog.text
+        scheduler.add_request(types.SimpleNamespace(request_id="d", sampling_params=types.SimpleNamespace(
+            extra_args={"tink_logprobs_at_end": True})))  # marked by Tink, but arriving after the error
         del scheduler.requests["a"]
         finished = by_request(scheduler.update_from_output())
         assert finished["a"].new_logprobs.logprob_token_ids.tolist() == [[5], [8]], "the held request completes"
