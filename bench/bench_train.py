@@ -4,7 +4,8 @@ The throughput issue's item 3 (goal: >= 0.95x the bare loop). Both sides get the
 targets (every linear layer and lm_head), data, micro-batches and activation checkpointing (the
 bare loop copies what the trainer chose), and both score with an fp32 log-softmax over the
 vocabulary in row chunks. The bare loop keeps its chunks' logits for backward, as a script would;
-the trainer recomputes them in backward (its memory budget counts one chunk). Timings are of
+so does the trainer on a GPU, unless it checkpoints activations (then it recomputes them in backward,
+one chunk at a time). Timings are of
 `forward_backward` alone (no optimizer step), best of `--repeats`, the GPU synchronized around each.
 
 `--profile DIR` also runs one step of each under `torch.profiler` and writes the top operators by
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_multi_adapter import model_folder  # noqa: E402
 
 from src.backends import LoraSpec, TrainDatum  # noqa: E402
-from src.hf_trainer import HFTrainer  # noqa: E402
+from src.hf_trainer import LOGIT_CHUNK_ELEMENTS, HFTrainer  # noqa: E402
 
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
@@ -74,7 +75,7 @@ class BarePeft:
     def forward_backward(self, ids: torch.Tensor, sequences_per_microbatch: int) -> None:
         """Cross-entropy on `ids` (rows of inputs + next token), `backward` once per micro-batch of rows."""
         decoder, head = self.model.base_model.model.model, self.model.base_model.model.lm_head
-        rows = max(1, (1 << 26) // self.vocab)  # Tink's chunk size
+        rows = max(1, LOGIT_CHUNK_ELEMENTS // self.vocab)  # Tink's chunk size
         for start in range(0, ids.shape[0], sequences_per_microbatch):
             chunk = ids[start: start + sequences_per_microbatch]
             hidden = decoder(input_ids=chunk[:, :-1]).last_hidden_state
