@@ -11,9 +11,9 @@ both), each measuring through `VLLMEngineSampler` (src/vllm_backend.py) and appe
 | `eager_unpatched`: enforce_eager, the patch off | `unused` | `TINK_LOOK_INSIDE=0` |
 | `graphs`: CUDA graphs (GPU only) | `unused`: what eager mode itself costs | - |
 | `graphs_unpatched`: CUDA graphs, the patch off (GPU only) | `unused` | `TINK_LOOK_INSIDE=0` |
-| `graphs_static`: CUDA graphs with the static hooks (src/steering_static.py; GPU only) | `unused`, `steered`, `mixed`: the bar under graphs is `unused` >= 0.97x `graphs_unpatched` | `TINK_LOOK_INSIDE=static` |
-| `graphs_v1_unpatched`: CUDA graphs, the patch off, on vLLM's V1 model runner, which static mode uses (GPU only) | `unused`: splits `graphs_static`'s cost into the runner's and the hooks' own | `TINK_LOOK_INSIDE=0 VLLM_USE_V2_MODEL_RUNNER=0` |
-| `graphs_static_v2`: the static hooks on Model Runner V2, the runner of `graphs_unpatched` (GPU only) | `unused`, `steered`, `mixed`: if it works, its `unused` against `graphs_unpatched` is the issue's bar with no runner switch | `TINK_LOOK_INSIDE=static VLLM_USE_V2_MODEL_RUNNER=1` |
+| `graphs_static`: CUDA graphs with the static hooks (src/steering_static.py) on vLLM's V1 model runner (GPU only) | `unused`, `steered`, `mixed` | `TINK_LOOK_INSIDE=static VLLM_USE_V2_MODEL_RUNNER=0` |
+| `graphs_v1_unpatched`: CUDA graphs, the patch off, on the V1 model runner (GPU only) | `unused`: the static hooks' own cost on V1 | `TINK_LOOK_INSIDE=0 VLLM_USE_V2_MODEL_RUNNER=0` |
+| `graphs_static_v2`: the static hooks on Model Runner V2, the runner of `graphs_unpatched` and of static mode as Tink ships it (GPU only) | `unused`, `steered`, `mixed`: the issue's bar is its `unused` >= 0.97x `graphs_unpatched` | `TINK_LOOK_INSIDE=static VLLM_USE_V2_MODEL_RUNNER=1` |
 | `eager_static`: the static hooks in an eager engine (the CPU smoke's check of them) | `unused`, `steered`, `mixed` | `TINK_LOOK_INSIDE=static` |
 
 Every pass: the same seeded batch (default 256 prompts x 64 random tokens -> 128 new tokens, temperature 1,
@@ -49,10 +49,11 @@ ENGINES = {  # name -> (enforce_eager, extra env, passes)
     "eager_unpatched": (True, {"TINK_LOOK_INSIDE": "0"}, ("unused",)),
     "graphs": (False, {}, ("unused",)),
     "graphs_unpatched": (False, {"TINK_LOOK_INSIDE": "0"}, ("unused",)),
-    "graphs_static": (False, {"TINK_LOOK_INSIDE": "static"}, ("unused", "steered", "mixed")),
-    # static mode runs on vLLM's V1 model runner (what the patch hooks); V2 is 0.26's GPU default
+    # the static hooks on vLLM's V1 model runner (before 2026-12-07 static mode asked for it), beside V1 unpatched
+    "graphs_static": (False, {"TINK_LOOK_INSIDE": "static", "VLLM_USE_V2_MODEL_RUNNER": "0"},
+                      ("unused", "steered", "mixed")),
     "graphs_v1_unpatched": (False, {"TINK_LOOK_INSIDE": "0", "VLLM_USE_V2_MODEL_RUNNER": "0"}, ("unused",)),
-    # the static hooks on Model Runner V2 (src/steering_vllm.py's V2 patch), no runner switch
+    # the static hooks on Model Runner V2 (src/steering_vllm.py's V2 patch), 0.26's GPU default: no runner switch
     "graphs_static_v2": (False, {"TINK_LOOK_INSIDE": "static", "VLLM_USE_V2_MODEL_RUNNER": "1"},
                          ("unused", "steered", "mixed")),
     "eager_static": (True, {"TINK_LOOK_INSIDE": "static"}, ("unused", "steered", "mixed")),

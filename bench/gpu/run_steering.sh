@@ -31,10 +31,11 @@ if [ "${STEER_EAGER_TESTS:-1}" = 1 ]; then  # STEER_EAGER_TESTS=0 skips them (th
   echo "pytest exit $?" >> "$out/exit.log"
 fi
 # TINK_LOOK_INSIDE=static under CUDA graphs (src/steering_static.py): the static-hook tests on compiled engines
-PYTHONPATH=.:/tmp/site TINK_TEST_VLLM_DTYPE=bfloat16 VLLM_ENFORCE_EAGER=false timeout 900 python3 -m pytest \
-    tests/test_steering_vllm.py -k static -v -p no:cacheprovider > "$out/pytest-steering-static-graphs.log" 2>&1
+# on vLLM's V1 model runner, asked for explicitly (static mode runs on the runner vLLM picks: V2 on a GPU)
+VLLM_USE_V2_MODEL_RUNNER=0 PYTHONPATH=.:/tmp/site TINK_TEST_VLLM_DTYPE=bfloat16 VLLM_ENFORCE_EAGER=false timeout 900 \
+    python3 -m pytest tests/test_steering_vllm.py -k static -v -p no:cacheprovider > "$out/pytest-steering-static-graphs.log" 2>&1
 echo "pytest static graphs exit $?" >> "$out/exit.log"
-# the same on vLLM's Model Runner V2 (src/steering_vllm.py's V2 patch; Tink asks for V1 unless told)
+# the same on vLLM's Model Runner V2 (src/steering_vllm.py's V2 patch)
 VLLM_USE_V2_MODEL_RUNNER=1 PYTHONPATH=.:/tmp/site TINK_TEST_VLLM_DTYPE=bfloat16 VLLM_ENFORCE_EAGER=false timeout 900 \
     python3 -m pytest tests/test_steering_vllm.py -k static -v -p no:cacheprovider > "$out/pytest-steering-static-v2.log" 2>&1
 echo "pytest static v2 exit $?" >> "$out/exit.log"
