@@ -123,8 +123,9 @@ def activation_bytes_per_token(config: Any, dtype_bytes: int, checkpointing: boo
     bf16 model), and the fp32 log-softmax over the vocabulary that the loss keeps for backward; with
     checkpointing a layer keeps only its input, one layer at a time is recomputed, and so are the
     logits, one chunk at a time (`HFTrainer`'s fixed cost). Measured on an H200 (bf16, r=32, every
-    projection and lm_head, 10 % margin included): Qwen2.5-7B's shape 641 KiB/token checkpointed; a 0.5B Llama 2,600 KiB/token plain. The measured
-    peak of each micro-batch replaces this estimate (`MicrobatchBudget.observe`).
+    projection and lm_head, 10 % margin included): Qwen2.5-7B's shape 641 KiB/token checkpointed; a 0.5B
+    Llama 2,600 KiB/token plain. The measured peak of each micro-batch replaces this estimate
+    (`MicrobatchBudget.observe`).
     """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden, layers = text.hidden_size, text.num_hidden_layers
