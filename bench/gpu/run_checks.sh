@@ -6,12 +6,13 @@
 # steering : run_steering.sh: bench_steering.py on the models built so far (first: the 0.5B shape), then
 #            tests/test_steering_vllm.py on vLLM 0.26 in bf16, eager (STEER_EAGER_TESTS=0 skips them), then its
 #            static-hook tests under CUDA graphs on Model Runner V1 and on V2
-# one_gpu  : bench_one_gpu.py at 7B (sampling, compute_logprobs, training, against direct vLLM and bare PEFT)
+# one_gpu  : bench_one_gpu.py at 7B (sampling, compute_logprobs, training, against direct vLLM and bare PEFT);
+#            ONE_GPU_ENV="VAR=value ..." is passed to its worker (e.g. VLLM_LOGPROBS_AT_END=true)
 # lm_head  : lm_head_check.py (sampled and native prompt logprobs through lm_head LoRA, per family, vs HF+PEFT),
 #            on vLLM's Model Runner V2 (lm_head_v1: the same on V1)
 # sampling : bench_sampling.py at the 0.5B shape, 64 prompts x 8 x 256 (the issue's batch), 1 adapter then 8 mixed,
 #            Tink's sampler vs LLM.generate (with and without logprobs), best of 2, logprobs at the end A/B, py-spy of
-#            Tink's; then Tink with VLLM_PLUGINS= (plugin off)
+#            Tink's; then Tink with VLLM_PLUGINS= (plugin off; SAMPLING_PLUGIN_OFF=0 skips it)
 # multi    : bench_multi_adapter.py, 8 adapters x 8 x 512 joined vs one by one vs 1 adapter x 64, at 0.5B and 7B
 #            (MULTI_MODELS: the model folders instead)
 # Each step writes into <out>/<step>; <out>/DONE marks the end. vLLM's pieces must be in /tmp/vp and the
@@ -35,7 +36,7 @@ for step in $steps; do
   case $step in
     steering) timeout 1200 bash bench/gpu/run_steering.sh "$out/steering" > "$out/steering/run.log" 2>&1 ;;
     one_gpu)
-      BENCH_PYSPY=1 timeout 1500 python3 bench/gpu/bench_one_gpu.py --shape 7b --out /tmp/b-7b ${ONE_GPU_ARGS:-} > "$out/one_gpu/bench.log" 2>&1
+      env ${ONE_GPU_ENV:-} BENCH_PYSPY=1 timeout 1500 python3 bench/gpu/bench_one_gpu.py --shape 7b --out /tmp/b-7b ${ONE_GPU_ARGS:-} > "$out/one_gpu/bench.log" 2>&1
       cp /tmp/b-7b/bench_one_gpu_7b.json /tmp/b-7b/serve.log /tmp/b-7b/pyspy* "$out/one_gpu/" 2>/dev/null ;;
     lm_head)  # on Model Runner V2, vLLM 0.26's GPU default (an eager engine gets V1 from Tink: lm_head_v1)
       VLLM_USE_V2_MODEL_RUNNER=1 PYTHONPATH=.:/tmp/site timeout 900 python3 bench/gpu/lm_head_check.py /tmp/lmh \
@@ -45,10 +46,10 @@ for step in $steps; do
       common="--model $small --prompts 64 --n 8 --max-tokens 256 --prompt-len 32 --rank 32 --skip-hf --gpu-mem 0.4 --reps 2"
       PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py $common --adapters 1 --at-end-ab 2 \
         --pyspy "$out/sampling/pyspy_tink.txt" > "$out/sampling/one_adapter.log" 2>&1
-      PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py ${common/--prompts 64/--prompts 8} --adapters 8 \
+      PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py ${common/--prompts 64/--prompts 8} --adapters 8 --at-end-ab 2 \
         > "$out/sampling/eight_adapters.log" 2>&1
-      VLLM_PLUGINS= PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py $common --adapters 1 --skip-direct \
-        > "$out/sampling/plugin_off.log" 2>&1 ;;
+      [ "${SAMPLING_PLUGIN_OFF:-1}" = 1 ] && VLLM_PLUGINS= PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py \
+        $common --adapters 1 --skip-direct > "$out/sampling/plugin_off.log" 2>&1 ;;  # SAMPLING_PLUGIN_OFF=0 skips it
     multi)
       for model in ${MULTI_MODELS:-$small $big}; do
         [ -d "$model" ] || continue
