@@ -51,7 +51,8 @@ from .backends import (
     UserInputError,
 )
 from .logprob_options import check_options
-from .prompt_scoring import LOGIT_CHUNK_ELEMENTS, PromptScorer, top_k
+from .prompt_scoring import PromptScorer, top_k
+from .tensors import LOGIT_CHUNK_ELEMENTS
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ from .optimizers import (
     rescale_state,
     set_hyperparameters,
 )
-from .tensors import to_device
+from .tensors import LOGIT_CHUNK_ELEMENTS, to_device
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,6 @@ TARGETS = {
     "train_mlp": ("gate_proj", "up_proj", "down_proj"),
     "train_unembed": ("lm_head",),
 }
-# Logits are made this many elements at a time (256 MiB in fp32), so a 150k vocabulary never
-# needs a [batch, length, vocab] tensor.
-LOGIT_CHUNK_ELEMENTS = 1 << 26
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 # PEFT names a tensor `...lora_A.<adapter>.weight` in memory and `...lora_A.weight` in files.

@@ -35,9 +35,6 @@ import torch
 
 from .backends import PromptAltTokens, SampleJob, TopK
 
-# Rows of a top-k or target answer are made from at most this many logits at a time (fp32: 256 MiB).
-LOGIT_CHUNK_ELEMENTS = 1 << 26
-
 
 def first_scored_row(job: SampleJob) -> int:
     """The first row `prompt_logprobs` and `topk_prompt_logprobs` answer (`prompt_logprobs_last_n`)."""

@@ -1,8 +1,12 @@
-"""Tensor helpers shared by the trainer engines and the losses (which cannot import a trainer)."""
+"""Tensor helpers shared by the trainer engines, the samplers and the losses (which cannot import a trainer)."""
 
 from __future__ import annotations
 
 import torch
+
+# Logits are made this many elements at a time (256 MiB in fp32), so a 150k vocabulary never needs a
+# [batch, length, vocab] tensor: the trainer's loss, the HF sampler's prompt scoring and top-k answers.
+LOGIT_CHUNK_ELEMENTS = 1 << 26
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
