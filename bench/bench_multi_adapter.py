@@ -19,6 +19,10 @@ joined vs alone (first model) well above it points at the routing, near it at th
     python3 bench/bench_multi_adapter.py --device cuda --dtype bfloat16 --shapes /tmp/b-7b/model-7b \
         --seqs 8 --min-len 512 --max-len 512 --rank 32 --checkpointing auto   # the issue's 8 x 8 x 512 at 7B
 
+"scheduled" is what the worker runs with TINK_BATCH_ADAPTERS=true: requests join only while the joined
+pass fits one micro-batch, so at 7B (8 x 512 tokens already fill one) each runs alone, and at 0.5B they
+join in passes of a micro-batch each.
+
 "1 adapter" is the issue's reference: all the sequences as one request of one model.
 
 Seen on a shared 2-core CPU (2026-12-02, noisy): the joined pass is exact (max relative difference
@@ -46,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.backends import ForwardBackwardResult, LoraSpec, TrainDatum  # noqa: E402
 from src.hf_trainer import HFTrainer  # noqa: E402
-from src.multi_adapter import AdapterPass  # noqa: E402
+from src.multi_adapter import AdapterPass, PassJoiner  # noqa: E402
 from src.tiny_model import build_model, build_tokenizer, ensure_tiny_model  # noqa: E402
 
 SHAPES = {"tiny": {"layers": 2, "hidden": 128}, "small": {"layers": 6, "hidden": 512}}
@@ -93,6 +97,35 @@ def one_by_one(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool
 
 def joined(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool) -> list:
     return trainer.forward_backward_many(passes, forward_only)
+
+
+def scheduled_groups(trainer: HFTrainer, passes: list[AdapterPass]) -> list[list[int]]:
+    """The passes the worker's scheduler forms when all the requests wait at once: each head takes the
+    others in order while the joined pass fits one micro-batch (`PassJoiner.token_limit`)."""
+    limit = PassJoiner(lambda: trainer, lambda _: None, len(passes), 1 << 40).token_limit
+    waiting, groups = list(range(len(passes))), []
+    while waiting:
+        group = [waiting.pop(0)]
+        rows, longest = len(passes[group[0]].data), max(len(d.tokens) for d in passes[group[0]].data)
+        for i in list(waiting):
+            longer = max(longest, max(len(d.tokens) for d in passes[i].data))
+            if (rows + len(passes[i].data)) * longer <= limit(longer):
+                group.append(i)
+                waiting.remove(i)
+                rows, longest = rows + len(passes[i].data), longer
+        groups.append(group)
+    return groups
+
+
+def scheduled(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool) -> list:
+    """Each scheduled group in one pass (a group of one as a plain request), results in the passes' order."""
+    results: list = [None] * len(passes)
+    for group in scheduled_groups(trainer, passes):
+        outputs = (trainer.forward_backward_many([passes[i] for i in group], forward_only) if len(group) > 1
+                   else one_by_one(trainer, [passes[group[0]]], forward_only))
+        for i, output in zip(group, outputs):
+            results[i] = output
+    return results
 
 
 def one_adapter(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool) -> list:
@@ -142,10 +175,11 @@ def collected(trainer: HFTrainer, passes: list[AdapterPass], results: list, forw
 def timed(trainer: HFTrainer, passes: list[AdapterPass], forward_only: bool, repeats: int) -> dict[str, tuple]:
     """Per way: median seconds of `repeats` runs (after one warm-up), and the last run (`Run`, none for
     one_adapter). The ways alternate, so a change in the machine's load hits them alike."""
-    seconds: dict[str, list[float]] = {"alone": [], "joined": [], "one_adapter": []}
+    seconds: dict[str, list[float]] = {"alone": [], "joined": [], "scheduled": [], "one_adapter": []}
     last: dict[str, Run] = {}
     for _ in range(repeats + 1):
-        for way, run in (("alone", one_by_one), ("joined", joined), ("one_adapter", one_adapter)):
+        for way, run in (("alone", one_by_one), ("joined", joined), ("scheduled", scheduled),
+                         ("one_adapter", one_adapter)):
             clear(trainer, passes)
             start = time.perf_counter()
             results = run(trainer, passes, forward_only)
@@ -207,7 +241,8 @@ def main() -> None:
     print(f"{args.models} models x {args.seqs} sequences of {args.min_len}-{args.max_len} tokens, LoRA rank "
           f"{args.rank} on every projection and lm_head, {args.device} {args.dtype}, {torch.get_num_threads()} CPU threads")
     print(f"{'shape':<28} {'op':<17} {'one by one tok/s':>17} {'joined tok/s':>13} {'speed-up':>9} "
-          f"{'1 adapter tok/s':>16} {'joined/1 adapter':>17} {'max rel diff':>13}")
+          f"{'1 adapter tok/s':>16} {'joined/1 adapter':>17} {'max rel diff':>13} {'scheduled tok/s':>16} "
+          f"{'sched/one by one':>17}")
     with tempfile.TemporaryDirectory() as root:
         for shape in args.shapes.split(","):
             trainer = HFTrainer(model_folder(shape, Path(root)), device=args.device, dtype=args.dtype,
@@ -220,11 +255,15 @@ def main() -> None:
             for forward_only in (False, True):
                 ways = timed(trainer, passes, forward_only, args.repeats)
                 (alone_s, alone), (joined_s, together) = ways["alone"], ways["joined"]
-                single_s = ways["one_adapter"][0]
+                single_s, scheduled_s = ways["one_adapter"][0], ways["scheduled"][0]
                 op = "forward" if forward_only else "forward_backward"
                 print(f"{label:<28} {op:<17} {tokens / alone_s:>17,.0f} {tokens / joined_s:>13,.0f} "
                       f"{alone_s / joined_s:>8.2f}x {tokens / single_s:>16,.0f} {single_s / joined_s:>16.2f}x "
-                      f"{compare(alone, together):>13.1e}", flush=True)
+                      f"{compare(alone, together):>13.1e} {tokens / scheduled_s:>16,.0f} "
+                      f"{alone_s / scheduled_s:>16.2f}x", flush=True)
+                print(f"    scheduled passes (models per pass, as TINK_BATCH_ADAPTERS joins them): "
+                      f"{[len(g) for g in scheduled_groups(trainer, passes)]}; max rel diff "
+                      f"{compare(alone, ways['scheduled'][1]):.1e}", flush=True)
                 if args.noise_floor:
                     print(noise_floor_line(trainer, passes, forward_only, alone, together), flush=True)
             del trainer

@@ -153,6 +153,16 @@ class HFTrainer:
     def microbatch_tokens(self, tokens: int) -> None:
         self.budget.cap_tokens = tokens
 
+    def joined_pass_tokens(self, longest: int) -> int:
+        """The padded tokens one micro-batch may hold now, for sequences of up to `longest` tokens: what the
+        scheduler lets requests of several models join into (TINK_BATCH_ADAPTERS)."""
+        return self.budget.tokens(self._checkpoints(longest, forward_only=False))
+
+    def _checkpoints(self, longest: int, forward_only: bool) -> bool:
+        """Whether a pass whose longest sequence has `longest` tokens checkpoints activations."""
+        return bool(not forward_only and self._checkpoint_layers
+                    and self.budget.should_checkpoint(self.gradient_checkpointing, longest))
+
     def share_base_model(self) -> torch.nn.Module:
         """The base model without adapters, over this trainer's own weight tensors (no copy).
 
@@ -309,8 +319,7 @@ class HFTrainer:
         longest = max(len(d.tokens) for m in members for d in m.data)
         count = sum(len(m.data) for m in members)
         names = ", ".join(repr(m.model_id) for m in members)
-        checkpointing = bool(not forward_only and self._checkpoint_layers
-                             and self.budget.should_checkpoint(self.gradient_checkpointing, longest))
+        checkpointing = self._checkpoints(longest, forward_only)
         while True:
             try:
                 result = self._run_microbatches(members, forward_only, checkpointing)

@@ -222,8 +222,17 @@ class PassJoiner:
                  loss_fn_config: dict[str, float | str] | None, forward_only: bool,
                  finish: Callable[[ForwardBackwardResult], Outcome]) -> Joinable:
         request = _JoinedRequest(AdapterPass(model_id, data, loss_fn, loss_fn_config), forward_only, finish)
-        return Joinable(kind=op, tokens=sum(len(d.tokens) for d in data), request=request,
-                        run_together=self.run_together, max_members=self.max_models, max_tokens=self.max_tokens)
+        return Joinable(kind=op, rows=len(data), longest=max(len(d.tokens) for d in data), request=request,
+                        run_together=self.run_together, max_members=self.max_models, token_limit=self.token_limit)
+
+    def token_limit(self, longest: int) -> int:
+        """The most padded tokens a joined pass may hold: TINK_BATCH_ADAPTERS_MAX_TOKENS, and no more than
+        one of the trainer's micro-batches now. A larger joined pass is cut into micro-batches anyway, so
+        it saves no pass over the base model and only loses the grouped LoRA product where a cut falls
+        inside a member (at 7B, 8 requests of 8 x 512 joined ran at 0.84x of the same one by one)."""
+        trainer = self.trainer()
+        fits = getattr(trainer, "joined_pass_tokens", None)
+        return self.max_tokens if fits is None else min(self.max_tokens, fits(longest))
 
     def run_together(self, members: list[_JoinedRequest]) -> list[Outcome | BaseException]:
         """One result or error per member, in order; members of one call share `forward_only`."""

@@ -46,17 +46,20 @@ class Joinable:
     """Lets a training operation share one backend pass with other models' (TINK_BATCH_ADAPTERS).
 
     When such an operation reaches the head of its model's queue, the heads of other models'
-    queues with the same `kind` join it, up to `max_members` operations and `max_tokens` tokens,
-    and `run_together` gets all their `request`s at once: it returns one Outcome, or the
-    exception that fails that operation alone, per request, in order.
+    queues with the same `kind` join it, up to `max_members` operations and while the joined pass's
+    padded size (its longest sequence x all its sequences) stays within `token_limit(longest)`,
+    asked then (the trainer's micro-batch budget moves with free memory). `run_together` gets all
+    their `request`s at once: it returns one Outcome, or the exception that fails that operation
+    alone, per request, in order.
     """
 
     kind: str
-    tokens: int
+    rows: int  # sequences
+    longest: int  # tokens of the longest sequence
     request: object
     run_together: Callable[[list[object]], list[Outcome | BaseException]]
     max_members: int
-    max_tokens: int
+    token_limit: Callable[[int], int]
 
 
 @dataclass(frozen=True)
@@ -248,16 +251,18 @@ class Scheduler:
         (caller holds `_cond`). Only heads join: no model's operations reorder."""
         if joinable is None:
             return []
-        joined, tokens = [], joinable.tokens
+        joined, rows, longest = [], joinable.rows, joinable.longest
         for other in list(self._ready):
             if len(joined) + 1 >= joinable.max_members:
                 break
             candidate = self._queues[other][0].joinable
-            if (other == model_id or candidate is None or candidate.kind != joinable.kind
-                    or tokens + candidate.tokens > joinable.max_tokens):
+            if other == model_id or candidate is None or candidate.kind != joinable.kind:
+                continue
+            longer = max(longest, candidate.longest)
+            if (rows + candidate.rows) * longer > joinable.token_limit(longer):
                 continue
             joined.append(other)
-            tokens += candidate.tokens
+            rows, longest = rows + candidate.rows, longer
             self._ready.remove(other)
         return joined
 

@@ -364,7 +364,7 @@ def joining_server(tiny_model_path, tmp_path_factory) -> Iterator[JoiningServer]
 
     config = Config(base_model=str(tiny_model_path), state_dir=tmp_path_factory.mktemp("joined"),
                     api_keys=(API_KEY,), port=free_port(), retrieve_wait_s=2.0, threads=32, dtype="float32",
-                    batch_adapters=True)
+                    batch_adapters=True, max_adapters_per_key=64)
     worker = Worker.from_config(config)
     sizes: list[int] = []
     real = worker.trainer.forward_backward_many
@@ -458,6 +458,27 @@ def test_concurrent_clients_end_as_sequential_ones_and_keep_order(joining_server
             torch.testing.assert_close(wc, ws, rtol=1e-4, atol=1e-6)
 
 
+def test_requests_join_only_while_they_fit_one_microbatch(joining_server, sdk):
+    """Three models' requests of 2 x 20 tokens wait together while a micro-batch holds 80 tokens: two join
+    (2 x 2 x 20 = 80) and the third runs alone (joined, it would only add a micro-batch, saving no pass)."""
+    worker = joining_server.worker
+    rng = np.random.default_rng(11)
+    clients = [sdk.create_lora_training_client(base_model=worker.base_model, rank=4, seed=20 + i).result()
+               for i in range(3)]
+    data = [[sdk_datum(rng, 20, "cross_entropy") for _ in range(2)] for _ in clients]
+    saved, worker.trainer.microbatch_tokens = worker.trainer.microbatch_tokens, 80
+    try:
+        assert worker.joiner.token_limit(20) == 80  # the trainer's budget, under TINK_BATCH_ADAPTERS_MAX_TOKENS
+        before = len(joining_server.joined_sizes)
+        with trainer_held(joining_server, sdk, queued=3):
+            futures = [tc.forward_backward(d, "cross_entropy") for tc, d in zip(clients, data)]
+        losses = [f.result().metrics["loss:sum"] for f in futures]
+    finally:
+        worker.trainer.microbatch_tokens = saved
+    assert joining_server.joined_sizes[before:] == [2]
+    assert all(np.isfinite(losses))
+
+
 def test_a_bad_request_in_a_joined_pass_fails_alone(joining_server, sdk, monkeypatch):
     """A datum that fails late (inside the pass: an injected loss error) fails its own request only; the others
     in the same pass get their results, and the bad model's pending gradients stay bit-identical."""
@@ -498,8 +519,9 @@ def test_a_bad_request_in_a_joined_pass_fails_alone(joining_server, sdk, monkeyp
 
 
 def test_scheduler_joins_only_queue_heads_within_limits_and_keeps_turns(tmp_path):
-    """Heads of other models' queues join (same kind, up to 3 operations and 100 tokens); a model's later
-    operations wait their turn; one member's error fails that future only."""
+    """Heads of other models' queues join (same kind, up to 3 operations, while the longest sequence times
+    all sequences stays within the limit); a model's later operations wait their turn; one member's error
+    fails that future only."""
     store = Store(tmp_path / "s.sqlite3")
     sched = Scheduler(store, sampling_threads=2)
     gate, ran = threading.Event(), []
@@ -516,17 +538,25 @@ def test_scheduler_joins_only_queue_heads_within_limits_and_keeps_turns(tmp_path
             return Outcome("json", b"{}")
         return run
 
-    def fb(model: str, name: str, tokens: int = 10) -> str:
-        joinable = Joinable("forward_backward", tokens, name, together, max_members=3, max_tokens=100)
+    limits_asked = []
+
+    def token_limit(longest: int) -> int:
+        limits_asked.append(longest)
+        return 100
+
+    def fb(model: str, name: str, rows: int = 2, longest: int = 5) -> str:
+        joinable = Joinable("forward_backward", rows, longest, name, together, max_members=3, token_limit=token_limit)
         return sched.submit_training("forward_backward", model, "o", alone(name), joinable)
 
     ids = [sched.submit_training("create_model", "z", "o", alone("z0", wait=True))]  # holds the trainer thread
     ids += [fb("a", "a1"), sched.submit_training("optim_step", "a", "o", alone("a2")), fb("a", "a3")]
-    ids += [fb("b", "b1"), fb("b", "b2"), fb("c", "c1", tokens=95), fb("d", "d1")]
+    ids += [fb("b", "b1"), fb("e", "e1", rows=1, longest=40), fb("b", "b2"), fb("c", "c1", rows=19), fb("d", "d1")]
     gate.set()
     records = {rid: sched.wait(rid, 10) for rid in ids}
-    # c1 is too large to join anything (95 + 10 > 100 tokens); a3 waits for a2, then joins b2.
-    assert ran == ["z0", ["a1", "b1", "d1"], "c1", "a2", ["b2", "a3"]]
+    # e1 alone is 40 tokens, but joined to a1 + b1 (4 rows) its 40-token sequence pads them: 5 x 40 > 100.
+    # c1 is too large to join anything ((19 + 2) x 5 > 100); a3 waits for a2, then joins b2.
+    assert ran == ["z0", ["a1", "b1", "d1"], "e1", "c1", "a2", ["b2", "a3"]]
+    assert 40 in limits_asked  # the limit is asked with the joined pass's longest sequence
     failed = [r for r in records.values() if r.status != "done"]
     assert [(r.category, r.error) for r in failed] == [("user", "bad datum")]
     sched.shutdown()
