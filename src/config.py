@@ -147,7 +147,7 @@ class Config:
     vllm_max_model_len: int | None = None
     vllm_enforce_eager: bool | None = None  # None: True on CPU
     vllm_prompt_logprobs: str = "auto"  # auto | native | teacher_forced (src/vllm_prompt_logprobs.py)
-    vllm_logprobs_at_end: bool = False  # sampled logprobs once per request (src/vllm_logprobs_at_end.py)
+    vllm_logprobs_at_end: bool = True  # sampled logprobs once per request (src/vllm_logprobs_at_end.py)
     vllm_fallback_retry_s: float = 30.0
     vllm_max_num_seqs: int | None = None  # None: vLLM's offline (LLM class) default for the device
     vllm_max_num_batched_tokens: int | None = None

@@ -283,7 +283,7 @@ class VLLMEngineSampler:
                  enforce_eager: bool | None = None, max_model_len: int | None = None, dtype: str = "auto",
                  seed: int = 0, enable_lora: bool = True, start_timeout_s: float = 900.0,
                  engine_kwargs: dict[str, Any] | None = None, prompt_logprobs: str = "auto",
-                 logprobs_at_end: bool = False):
+                 logprobs_at_end: bool = True):
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.platforms import current_platform
