@@ -91,9 +91,16 @@ def hold_back(scheduler: Any, outputs: dict[int, Any]) -> None:
 
 
 def _joined(steps: list[Any]) -> Any:
-    """One LogprobsLists of every step's positions, in order."""
-    fields = zip(*((s.logprob_token_ids, s.logprobs, s.sampled_token_ranks) for s in steps))
-    return type(steps[-1])(*(np.concatenate(arrays) for arrays in fields), None)
+    """One LogprobsLists of every step's positions, in order.
+
+    A step's arrays are as wide as the most top-k logprobs any request of that step's batch asked for, so a
+    request's steps differ in width when the batch around it changes. The front end reads a position's
+    sampled token and the request's own top-k only (`append_logprobs_for_next_position` zips them with
+    1 + num_logprobs ranks), which every step holds: each step is cut to the narrowest one."""
+    width = min(s.logprobs.shape[1] for s in steps)
+    return type(steps[-1])(np.concatenate([s.logprob_token_ids[:, :width] for s in steps]),
+                           np.concatenate([s.logprobs[:, :width] for s in steps]),
+                           np.concatenate([s.sampled_token_ranks for s in steps]), None)
 
 
 def _disable(scheduler: Any) -> None:

@@ -58,6 +58,23 @@ def step_outputs(tokens: dict[str, int], finished: set[str] = frozenset()):
     return {0: EngineCoreOutputs(outputs=outs)}
 
 
+def test_steps_of_different_widths_join_at_the_requests_own_width():
+    """A step's arrays are as wide as the largest top-k of its batch: a request asking for 1 top logprob beside
+    one asking for 5 gets 6 columns, then 2 once that one has ended. Joined, every position keeps the
+    sampled token and the request's own top-1, which is all the front end reads."""
+    from vllm.v1.outputs import LogprobsLists
+
+    from src import vllm_logprobs_at_end as at_end
+
+    def step(width: int, token: int) -> LogprobsLists:
+        ids = np.array([[token] + list(range(100, 100 + width - 1))], dtype=np.int32)
+        return LogprobsLists(ids, -ids.astype(np.float32) / 10, np.array([1], dtype=np.int32))
+
+    joined = at_end._joined([step(6, 5), step(6, 7), step(2, 9)])
+    assert joined.logprob_token_ids.tolist() == [[5, 100], [7, 100], [9, 100]]
+    assert joined.logprobs.shape == (3, 2) and joined.sampled_token_ranks.tolist() == [1, 1, 1]
+
+
 def by_request(outputs) -> dict:
     return {out.request_id: out for out in outputs[0].outputs}
 
