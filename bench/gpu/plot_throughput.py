@@ -3,12 +3,14 @@
     python bench/gpu/plot_throughput.py bench/results --png bench/results/throughput_run3.png
     python bench/gpu/plot_throughput.py bench/results --run 4 --png bench/results/throughput_run4.png
     python bench/gpu/plot_throughput.py bench/results --run 5 --png bench/results/throughput_run5.png
+    python bench/gpu/plot_throughput.py bench/results --run 6 --png bench/results/throughput_run6.png
 
 Run 3 reads one_gpu_7b_run3.json (bench_one_gpu.py), multi_adapter_gpu.txt (bench/bench_multi_adapter.py's
 table) and steering_0.5b.json (bench_steering.py); run 4 reads train_0.5b_gpu.json (bench/bench_train.py),
 multi_adapter_gpu.txt and multi_adapter_gpu_run4.txt, and steering_0.5b_run4.json; run 5 reads
 train_7b_gpu.json and train_7b_is_gpu.json, sampling_0.5b_run5.txt (bench/bench_sampling.py's lines),
-steering_7b_run5.json and multi_adapter_gpu_run5.txt. Needs matplotlib
+steering_7b_run5.json and multi_adapter_gpu_run5.txt; run 6 reads sampling_0.5b_run6.txt (with the
+logprobs-at-end A/B) and steering_0.5b_run6.json. Needs matplotlib
 (not a Tink dependency).
 """
 
@@ -34,15 +36,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--png", type=Path, required=True)
-    parser.add_argument("--run", type=int, default=3, choices=[3, 4, 5])
+    parser.add_argument("--run", type=int, default=3, choices=[3, 4, 5, 6])
     args = parser.parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if args.run in (4, 5):
-        (plot_run4 if args.run == 4 else plot_run5)(args.folder, plt).savefig(args.png, dpi=110)
+    if args.run in (4, 5, 6):
+        {4: plot_run4, 5: plot_run5, 6: plot_run6}[args.run](args.folder, plt).savefig(args.png, dpi=110)
         return
     one = json.loads((args.folder / "one_gpu_7b_run3.json").read_text())
     multi = multi_adapter_rows((args.folder / "multi_adapter_gpu.txt").read_text())
@@ -143,6 +145,37 @@ def plot_run5(folder: Path, plt):
     labelled_bars(axes[3], dict(zip(("one by one", "joined", "1 adapter x 64"), multi)), ["#bbb", "#2a7", "#468"],
                   "forward_backward, 8 adapters x 8 x 512, 7B\n(goal: joined >= 0.8x 1 adapter)", "tokens / s")
     fig.suptitle("Tink on one H100, vLLM 0.26 (2026-12-07, fifth run)")
+    fig.tight_layout()
+    return fig
+
+
+def at_end_rows(text: str) -> list[tuple[float, float]]:
+    """(on, off) tok/s of each bench_sampling.py run with --at-end-ab."""
+    return [(float(on), float(off)) for on, off in
+            re.findall(r"logprobs_at_end on / off :\s+([\d.]+) / ([\d.]+)", text)]
+
+
+def plot_run6(folder: Path, plt):
+    text = (folder / "sampling_0.5b_run6.txt").read_text()
+    direct = [(float(a), float(b)) for a, b in re.findall(r"direct LLM.generate\s+:\s+([\d.]+) tokens/s; "
+                                                           r"with logprobs=0 ([\d.]+)", text)]
+    steer = json.loads((folder / "steering_0.5b_run6.json").read_text())["engines"]
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
+    for ax, label, (on, off), (plain, logprobs) in zip(axes, ("1 adapter", "8 adapters mixed"),
+                                                       at_end_rows(text), direct):
+        labelled_bars(ax, {"Tink\nper step": off, "Tink\nat the end": on, "vLLM\nno logprobs": plain,
+                           "vLLM\nlogprobs=0": logprobs}, ["#bbb", "#2a7", "#468", "#8ab"],
+                      f"sampling 64 x 8 x 256, 0.5B, {label}\nTink's logprobs per step vs at the end (VLLM_LOGPROBS_AT_END)",
+                      "tokens / s")
+    passes = [("graphs_unpatched", "unused", "V2, patch off\n(default)"), ("graphs_static_v2", "unused", "V2, static\nunused"),
+              ("graphs_static_v2", "steered", "V2, static\nall steered"), ("graphs_static_v2", "mixed", "V2, static\nhalf steered")]
+    labelled_bars(axes[2], {label: steer[e]["passes"][p]["tok_s"] for e, p, label in passes},
+                  ["#468", "#2a7", "#c84", "#e96"], "look-inside under CUDA graphs, 0.5B (best of 3; dots: every rep)",
+                  "tokens / s")
+    for x, (e, p, _) in enumerate(passes):
+        reps = steer[e]["passes"][p]["reps_tok_s"]
+        axes[2].plot([x] * len(reps), reps, "k.", alpha=0.6)
+    fig.suptitle("Tink on one H100, vLLM 0.26 (2026-12-07, sixth run; a slower host than the fifth)")
     fig.tight_layout()
     return fig
 
