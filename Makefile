@@ -36,6 +36,7 @@ bench: setup
 	$(PY) bench/bench_sampling.py
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_logprob_transport.py
+	$(PY) bench/bench_http_sampling.py
 
 lock:                ## re-resolve requirements.in into requirements.lock (then run `make test`)
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q --upgrade pip

@@ -76,9 +76,9 @@ def report_passes(what: str, rates: list[float]) -> None:
 
 
 @contextmanager
-def py_spy(path: str):
-    """`py-spy record` of this process and its children (the engine core) while the block runs."""
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(os.getpid()), "--subprocesses", "--nonblocking",
+def py_spy(path: str, pid: int | None = None):
+    """`py-spy record` of this process (or `pid`) and its children (the engine core) while the block runs."""
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid or os.getpid()), "--subprocesses", "--nonblocking",
                             "--rate", "100", "--format", "raw", "--output", path],
                            stdout=subprocess.DEVNULL, stderr=open(path + ".log", "w"))
     time.sleep(2)  # attached before the pass starts
