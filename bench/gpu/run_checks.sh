@@ -12,7 +12,8 @@
 #            on vLLM's Model Runner V2 (lm_head_v1: the same on V1)
 # sampling : bench_sampling.py at the 0.5B shape, 64 prompts x 8 x 256 (the batch), 1 adapter then 8 mixed,
 #            Tink's sampler vs LLM.generate (with and without logprobs), best of 2, logprobs at the end A/B, py-spy of
-#            Tink's; then Tink with VLLM_PLUGINS= (plugin off; SAMPLING_PLUGIN_OFF=0 skips it)
+#            Tink's; bench_http_sampling.py (the HTTP path alone, on this host's CPUs); then Tink with VLLM_PLUGINS=
+#            (plugin off; SAMPLING_PLUGIN_OFF=0 skips it)
 # multi    : bench_multi_adapter.py, 8 adapters x 8 x 512 joined vs one by one vs 1 adapter x 64, at 0.5B and 7B
 #            (MULTI_MODELS: the model folders instead)
 # Each step writes into <out>/<step>; <out>/DONE marks the end. vLLM's pieces must be in /tmp/vp and the
@@ -48,6 +49,7 @@ for step in $steps; do
         --pyspy "$out/sampling/pyspy_tink.txt" > "$out/sampling/one_adapter.log" 2>&1
       PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py ${common/--prompts 64/--prompts 8} --adapters 8 --at-end-ab 2 \
         > "$out/sampling/eight_adapters.log" 2>&1
+      PYTHONPATH=.:/tmp/site timeout 300 python3 bench/bench_http_sampling.py > "$out/sampling/http.log" 2>&1
       [ "${SAMPLING_PLUGIN_OFF:-1}" = 1 ] && VLLM_PLUGINS= PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py \
         $common --adapters 1 --skip-direct > "$out/sampling/plugin_off.log" 2>&1 ;;  # SAMPLING_PLUGIN_OFF=0 skips it
     multi)
