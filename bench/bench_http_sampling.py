@@ -22,7 +22,6 @@ seconds).
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,14 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_sampling's py-spy helper
 
 from src.backends import SampledSequence, SampleJob, SampleResult  # noqa: E402
+from src.ports import free_port  # noqa: E402
 
 API_KEY = "tml-tink-bench-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class InstantSampler:
@@ -54,7 +48,6 @@ class InstantSampler:
 
     def __init__(self, inner, vocab: int):
         self._inner, self._vocab, self._made = inner, vocab, {}
-        self.calls = 0
 
     def __getattr__(self, name):  # health(), close(), adapters: the real sampler's
         return getattr(self._inner, name)
@@ -69,7 +62,6 @@ class InstantSampler:
         return SampledSequence(list(tokens), list(logprobs), "length")
 
     def sample(self, job: SampleJob, sink=None) -> SampleResult:
-        self.calls += 1
         return SampleResult([self._sequence(job.params.max_tokens, i) for i in range(job.num_samples)],
                             served_by=self.name)
 

@@ -12,12 +12,13 @@ samples a group of completions per prompt, scores them, centres rewards within e
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from .ports import free_port
 
 TARGET = " yes"
 PROMPTS = ["Question: what do you say?", "Tell me one word.", "Hello there!", "Is the sky blue?",
@@ -91,15 +92,9 @@ def report_metrics(base_url: str, api_key: str, model_id: str, metrics: dict[str
                headers={"X-API-Key": api_key}, timeout=30).raise_for_status()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_worker(state_dir: Path, api_key: str) -> tuple[subprocess.Popen, str]:
     """Start `python -m src serve` on the embedded tiny model; return it with its URL once ready."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TINK_PORT": str(port), "TINK_STATE_DIR": str(state_dir), "TINK_API_KEYS": api_key,
            "TINK_BASE_MODEL": os.environ.get("TINK_BASE_MODEL", "tiny")}
     proc = subprocess.Popen([sys.executable, "-m", "src", "serve"], env=env,

@@ -37,6 +37,7 @@ from typing import Any
 
 from .backends import AdamParams, DimuonParams, ForwardBackwardResult, LoraSpec, UserInputError
 from .megatron_backend import decode, decode_data, encode, params_from_json, spec_from_json, spec_to_json
+from .ports import free_port
 
 log = logging.getLogger("tink.trainer_server")
 
@@ -513,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if "RANK" not in os.environ:  # plain `python -m src.trainer_server`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=timeout)
     # Operations travel on their own gloo group: objects on CPU, whatever the engine's backend.
     control = dist.new_group(backend="gloo", timeout=timeout)
@@ -545,14 +546,6 @@ def main(argv: list[str] | None = None) -> None:
     http.server_close()
     sys.stdout.flush()
     os._exit(1)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ import gc
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,6 +61,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+from src.ports import free_port  # noqa: E402
 
 API_KEY = "tml-bench-key"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
@@ -277,12 +278,6 @@ def free_cuda_cache() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scheduler_limits(vllm_config: Any) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from src.backends import AdamParams, LoraSpec, TrainDatum  # noqa: E402
 from src.megatron_backend import MegatronTrainer  # noqa: E402
+from src.ports import free_port  # noqa: E402
 
 LORA = LoraSpec(rank=16, alpha=32, seed=0)
 ADAM = AdamParams(learning_rate=2e-3, beta1=0.9, beta2=0.95, eps=1e-8)
@@ -106,12 +106,6 @@ def toy_batch(n: int, length: int, vocab: int) -> list[TrainDatum]:
 
 def logprobs(result) -> np.ndarray:
     return np.concatenate([np.asarray(o["logprobs"], dtype=np.float64) for o in result.loss_fn_outputs])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: Path, tp: int, log_path: Path, device: str, dtype: str) -> tuple[subprocess.Popen, str]:
