@@ -15,8 +15,9 @@ output, joined into one `LogprobsLists` of as many positions as tokens (the shap
 already sends). The front end's `LogprobsProcessor` appends positions in order whatever their count, so
 the final RequestOutput is the same. Unmarked requests (a user's own `vllm serve` with the plugin
 installed, `LLM.generate`) are left as they are. Installed in every vLLM process by src/vllm_plugin.py;
-any surprise turns it off, logged: the requests already marked still get all their positions, later ones
-get per-step logprobs again.
+any surprise turns it off, logged: later requests get per-step logprobs again, the ones already marked are
+still held and joined at their end. A request whose own join failed goes out with its last step's logprobs
+only, short of its tokens (Tink's sampler then fails on its lookup, unless the first and last tokens agree).
 """
 
 from __future__ import annotations
@@ -104,9 +105,9 @@ def _joined(steps: list[Any]) -> Any:
 
 
 def _disable(scheduler: Any) -> None:
-    """No new request is marked in this process. The first failure lets the requests already marked finish
-    (with every position); if finishing them fails too, they are dropped (their final output then lacks the
-    held positions) rather than the engine stopping."""
+    """No new request is marked in this process. After the first failure the requests already marked are still
+    held and joined at their end (the one being joined when it failed has lost its earlier positions); after a
+    second, they are dropped (their final outputs then lack the held positions) rather than the engine stopping."""
     global _disabled
     if _disabled:
         scheduler.__dict__.pop(_MARKED, None)
