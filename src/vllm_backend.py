@@ -722,7 +722,12 @@ def write_identity_adapter(base_model: str, directory: str) -> Path:
 
 def sampled_logprobs(positions: Any, tokens: list[int]) -> list[float]:
     """The logprob of each sampled token. vLLM's FlatLogprobs holding exactly the sampled tokens (logprobs=0)
-    are read as they are; else (top-k asked too, or per-position dicts) each position is looked up."""
+    are read as they are; else (top-k asked too, or per-position dicts) each position is looked up.
+
+    Positions short of the tokens (a lost step, e.g. a failed join in src/vllm_logprobs_at_end.py) are an
+    error, not a shorter list: an RL loss would pair the wrong logprob with each token."""
+    if positions and len(positions) != len(tokens):
+        raise RuntimeError(f"vLLM returned logprobs for {len(positions)} positions of {len(tokens)} sampled tokens")
     flat, ids = getattr(positions, "logprobs", None), getattr(positions, "token_ids", None)
     if isinstance(flat, list) and len(flat) == len(positions) == len(tokens) and ids == tokens:
         return [float(x) for x in flat]

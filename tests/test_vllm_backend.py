@@ -206,6 +206,19 @@ def test_flat_logprobs_give_the_same_results(engine, vllm_adapters, monkeypatch)
     assert vllm_backend.sampled_logprobs([], []) == []
 
 
+def test_logprobs_short_of_the_tokens_are_an_error_not_a_shorter_list():
+    """A lost step must not shift every later logprob onto the wrong token, even where the tokens around it
+    would let a lookup succeed."""
+    from vllm.logprobs import Logprob
+
+    from src import vllm_backend
+
+    positions = [{7: Logprob(-0.5)}, {7: Logprob(-0.25)}]
+    assert vllm_backend.sampled_logprobs(positions, [7, 7]) == [-0.5, -0.25]
+    with pytest.raises(RuntimeError, match="2 positions of 3 sampled tokens"):
+        vllm_backend.sampled_logprobs(positions, [7, 3, 7])
+
+
 @pytest.mark.parametrize("params", [dict(temperature=0.7), dict(temperature=1.0, top_k=20),
                                     dict(temperature=0.9, top_p=0.8)])
 def test_sampled_logprobs_are_of_the_processed_distribution(engine, vllm_adapters, tiny_model_path, params):

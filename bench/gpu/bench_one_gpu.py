@@ -123,9 +123,15 @@ def build_model(path: Path, shape: dict) -> None:
         torch.cuda.empty_cache()  # the worker under test must find the GPU as empty as a new user's
 
 
-def start_worker(model: Path, state: Path, log_path: Path) -> subprocess.Popen:
+def engine_max_loras(args) -> int:
+    """Adapters per engine batch, Tink's and the direct reference's alike: the defaults' 4, or enough for the
+    mixed pass (8 adapters in 4 slots would measure slot swapping, not sampling)."""
+    return int(os.environ.get("VLLM_MAX_LORAS") or max(4, args.mixed_adapters))
+
+
+def start_worker(model: Path, state: Path, log_path: Path, max_loras: int) -> subprocess.Popen:
     env = dict(os.environ, USE_VLLM="true", TINK_BASE_MODEL=str(model), TINK_API_KEYS=KEY, TINK_PORT=str(PORT),
-               TINK_STATE_DIR=str(state))
+               TINK_STATE_DIR=str(state), VLLM_MAX_LORAS=str(max_loras))
     return subprocess.Popen([sys.executable, "-m", "src", "serve"], cwd=REPO, env=env, stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT)
 
@@ -165,7 +171,7 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
     state = Path(args.out) / "state"
     gpu.mark()
     started = time.time()
-    proc = start_worker(model, state, Path(args.out) / "serve.log")
+    proc = start_worker(model, state, Path(args.out) / "serve.log", engine_max_loras(args))
     try:
         rec["health_at_start"] = wait_ready(proc)
         rec["ready_s"] = round(time.time() - started, 1)
@@ -214,7 +220,9 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
             again = [f.result() for f in [sampler.sample(types.ModelInput.from_ints(p), args.samples, params)
                                           for p in prompts]]
             reps.append(round(sum(len(s.tokens) for r in again for s in r.sequences) / (time.time() - t1), 1))
-        rec["sample"] = {**first, "reps_tok_s": reps}
+        rec["sample"] = {**first, "reps_tok_s": reps, "best_tok_s": max(reps)}
+        if args.mixed_adapters > 1:
+            rec["sample_mixed"], mixed = sample_mixed(service, model, trainer, state, prompts, args, params)
         rec["grpo_step_s"] = round(steps[-1]["forward_backward_s"] + steps[-1]["optim_step_s"]
                                    + rec.data["save_for_sampler_s"] + seconds, 2)
         rec["logprob_gap"] = sampler_vs_trainer(trainer, prompts[:4], results[:4])
@@ -228,7 +236,8 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
         rec["health_after"] = health()
         adapter = sorted(glob.glob(f"{state}/checkpoints/**/adapter_config.json", recursive=True),
                          key=os.path.getmtime)[-1]
-        return {"adapter": str(Path(adapter).parent), "prompts": prompts, "scored": scored,
+        return {"adapter": str(Path(adapter).parent), "mixed": mixed if args.mixed_adapters > 1 else [],
+                "prompts": prompts, "scored": scored,
                 "microbatches": trainer_memory.get("last_microbatch_tokens") or [args.seq * args.batch],
                 "checkpointed": bool(trainer_memory.get("last_checkpointed")),
                 "gpu_memory_utilization": rec.data["health_at_start"]["sampler"].get("primary_health", {})
@@ -245,6 +254,31 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
                                 "gpu_mib": gpu.used_mib(), "wait_s": args.orphan_wait_s}
         for pid in left:
             os.kill(pid, signal.SIGKILL)
+
+
+def sample_mixed(service, model: Path, trainer, state: Path, prompts, args, params) -> tuple[dict, list[str]]:
+    """The same batch over K adapters at once, prompt i on adapter i mod K (many users' runs on one worker):
+    the trained adapter and K-1 fresh ones, each saved for the sampler. Returns the figures and the K adapter
+    folders for the direct reference."""
+    from tinker import types
+
+    trainers = [trainer] + [service.create_lora_training_client(base_model=str(model), rank=32).result()
+                            for _ in range(args.mixed_adapters - 1)]
+    paths = [t.save_weights_for_sampler(name=f"bench-mixed-{i}").result().path for i, t in enumerate(trainers)]
+    samplers = [service.create_sampling_client(model_path=path) for path in paths]
+    for s in samplers:  # each adapter loaded into the engine before the clock starts
+        s.sample(types.ModelInput.from_ints(prompts[0]), 1, types.SamplingParams(max_tokens=4)).result()
+    reps = []
+    for _ in range(args.sample_reps):
+        t0 = time.time()
+        futures = [samplers[i % len(samplers)].sample(types.ModelInput.from_ints(p), args.samples, params)
+                   for i, p in enumerate(prompts)]
+        results = [f.result() for f in futures]
+        seconds = time.time() - t0
+        tokens = sum(len(s.tokens) for r in results for s in r.sequences)
+        reps.append(round(tokens / seconds, 1))
+    folders = [str(state / "checkpoints" / path.removeprefix("tinker://")) for path in paths]
+    return {"adapters": len(samplers), "tokens": tokens, "reps_tok_s": reps, "best_tok_s": max(reps)}, folders
 
 
 def full_grpo_step(trainer, prompts, results, sample_s: float) -> dict:
@@ -341,22 +375,32 @@ def run_direct_vllm(args, model: Path, ref: dict, rec: Recorder) -> None:
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    llm = LLM(model=str(model), enable_lora=True, max_lora_rank=64, max_loras=4, seed=0,
+    llm = LLM(model=str(model), enable_lora=True, max_lora_rank=64, max_loras=engine_max_loras(args), seed=0,
               logprobs_mode="processed_logprobs", gpu_memory_utilization=ref["gpu_memory_utilization"] or 0.9)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in ref["prompts"]]
     lora = LoRARequest("bench", 1, ref["adapter"])
-    # Tink asks for each sampled token's logprob (RL needs it): measured with and without that.
+    cases = [("sample", "", [lora])]  # Tink's figures, the key suffix, the adapters (prompt i on i mod K)
+    if ref["mixed"]:
+        cases.append(("sample_mixed", "_mixed", [LoRARequest(f"mixed-{i}", i + 2, folder)
+                                                 for i, folder in enumerate(ref["mixed"])]))
+    # Tink asks for each sampled token's logprob (RL needs it): measured with and without that, best of as
+    # many passes as Tink had.
     for key, logprobs in (("direct_vllm", None), ("direct_vllm_logprobs", 0)):
         params = SamplingParams(n=args.samples, max_tokens=args.max_tokens, temperature=1.0, logprobs=logprobs)
-        llm.generate(prompts[:2], SamplingParams(max_tokens=4, logprobs=logprobs), lora_request=lora)
-        t0 = time.time()
-        outs = llm.generate(prompts, params, lora_request=lora)
-        seconds = time.time() - t0
-        tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-        rec[key] = {"tokens": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1)}
-    rec["sample_ratio_vs_direct"] = round(rec.data["sample"]["tok_s"] / rec.data["direct_vllm"]["tok_s"], 3)
-    rec["sample_ratio_vs_direct_logprobs"] = round(rec.data["sample"]["tok_s"]
-                                                   / rec.data["direct_vllm_logprobs"]["tok_s"], 3)
+        for tink, suffix, loras in cases:
+            warm = [prompts[i % len(prompts)] for i in range(len(loras))]  # every adapter loaded first
+            llm.generate(warm, SamplingParams(max_tokens=4, logprobs=logprobs), lora_request=loras)
+            requests = [loras[i % len(loras)] for i in range(len(prompts))]
+            reps = []
+            for _ in range(args.sample_reps):
+                t0 = time.time()
+                outs = llm.generate(prompts, params, lora_request=requests)
+                seconds = time.time() - t0
+                tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+                reps.append(round(tokens / seconds, 1))
+            rec[key + suffix] = {"tokens": tokens, "reps_tok_s": reps, "tok_s": max(reps)}
+            ratio = f"{tink}_ratio_vs_direct" + ("_logprobs" if logprobs == 0 else "")
+            rec[ratio] = round(rec.data[tink]["best_tok_s"] / max(reps), 3)
     # compute_logprobs' reference: a prefill of the same tokens with prompt logprobs, base model, and the
     # teacher forcing Tink did before (one 1-token request per position), on two of the sequences.
     scored = [TokensPrompt(prompt_token_ids=s) for s in ref["scored"]]
@@ -418,6 +462,9 @@ def main() -> None:
     parser.add_argument("--score-seqs", type=int, default=64, help="sequences of compute_logprobs")
     parser.add_argument("--score-len", type=int, default=1024, help="tokens per compute_logprobs sequence")
     parser.add_argument("--sample-reps", type=int, default=2, help="passes of the sampling batch (all reported)")
+    parser.add_argument("--mixed-adapters", type=int, default=8,
+                        help="adapters of the mixed sampling pass (prompt i on adapter i mod K; 0: none); the "
+                             "worker's VLLM_MAX_LORAS is raised to K unless set")
     parser.add_argument("--orphan-wait-s", type=float, default=5.0)
     parser.add_argument("--skip", default="", help="comma list of: direct, peft")
     args = parser.parse_args()

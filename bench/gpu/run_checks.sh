@@ -6,8 +6,9 @@
 # steering : run_steering.sh: bench_steering.py on the models built so far (first: the 0.5B shape), then
 #            tests/test_steering_vllm.py on vLLM 0.26 in bf16, eager (STEER_EAGER_TESTS=0 skips them), then its
 #            static-hook tests under CUDA graphs on Model Runner V1 and on V2
-# one_gpu  : bench_one_gpu.py at 7B (sampling, compute_logprobs, training, against direct vLLM and bare PEFT);
-#            ONE_GPU_ENV="VAR=value ..." is passed to its worker (e.g. VLLM_LOGPROBS_AT_END=true)
+# one_gpu  : bench_one_gpu.py at 7B (sampling with 1 adapter and 8 mixed, compute_logprobs, training, through the
+#            SDK, against direct vLLM and bare PEFT); ONE_GPU_SHAPES="0.5b 7b" runs each shape in turn;
+#            ONE_GPU_ENV="VAR=value ..." is passed to its worker, ONE_GPU_ARGS to the bench (e.g. --skip peft)
 # lm_head  : lm_head_check.py (sampled and native prompt logprobs through lm_head LoRA, per family, vs HF+PEFT),
 #            on vLLM's Model Runner V2 (lm_head_v1: the same on V1)
 # sampling : bench_sampling.py at the 0.5B shape, 64 prompts x 8 x 256 (the issue's batch), 1 adapter then 8 mixed,
@@ -37,8 +38,12 @@ for step in $steps; do
   case $step in
     steering) timeout 1200 bash bench/gpu/run_steering.sh "$out/steering" > "$out/steering/run.log" 2>&1 ;;
     one_gpu)
-      env ${ONE_GPU_ENV:-} BENCH_PYSPY=1 timeout 1500 python3 bench/gpu/bench_one_gpu.py --shape 7b --out /tmp/b-7b ${ONE_GPU_ARGS:-} > "$out/one_gpu/bench.log" 2>&1
-      cp /tmp/b-7b/bench_one_gpu_7b.json /tmp/b-7b/serve.log /tmp/b-7b/pyspy* "$out/one_gpu/" 2>/dev/null ;;
+      for shape in ${ONE_GPU_SHAPES:-7b}; do
+        mkdir -p "$out/one_gpu/$shape"
+        env ${ONE_GPU_ENV:-} BENCH_PYSPY=1 timeout 1500 python3 bench/gpu/bench_one_gpu.py --shape $shape --out /tmp/b-$shape \
+          ${ONE_GPU_ARGS:-} > "$out/one_gpu/$shape/bench.log" 2>&1
+        cp /tmp/b-$shape/bench_one_gpu_$shape.json /tmp/b-$shape/serve.log /tmp/b-$shape/pyspy* "$out/one_gpu/$shape/" 2>/dev/null
+      done ;;
     lm_head)  # on Model Runner V2, vLLM 0.26's GPU default (an eager engine gets V1 from Tink: lm_head_v1)
       VLLM_USE_V2_MODEL_RUNNER=1 PYTHONPATH=.:/tmp/site timeout 900 python3 bench/gpu/lm_head_check.py /tmp/lmh \
         > "$out/lm_head/check.log" 2>&1 ;;
