@@ -6,13 +6,15 @@ step through the `tinker` SDK and compares each part with the bare library doing
 | row | Tink (through the SDK) | reference (same process afterwards) |
 |---|---|---|
 | train | forward_backward 64 x 512 tokens + optim_step | bare PEFT loop, same micro-batches and checkpointing |
-| sample | 64 prompts x 8 x 256 tokens, the SDK-default adapter (lm_head LoRA included) | `vllm.LLM.generate`, same adapter and memory share |
+| sample | 64 prompts x 8 x 256 tokens, the SDK-default adapter (lm_head LoRA included); again over 8 adapters, prompt i on adapter i mod 8 | `vllm.LLM.generate`, same adapters, memory share and max_loras, without and with each sampled token's logprob |
 | step | forward_backward + optim_step + save_weights_and_get_sampling_client + sample | - |
 | full GRPO step | sample, then forward_backward (importance_sampling) on the 512 sampled sequences, optim_step, save | TRL `GRPOTrainer`, colocated vLLM (bench_trl_grpo.py) |
 | compute_logprobs | 64 sequences x 1,024 tokens under the adapter, all in flight | `LLM.generate` prefill of the same tokens with `prompt_logprobs=0`, base model; and teacher forcing (the old path) in `LLM.generate` |
 
-It also records GPU memory (nvidia-smi, sampled every 0.5 s) at start and at the peak of each
-part, healthz (memory plan, which sampler served), and what a SIGKILL of the worker leaves behind. With
+The mixed pass needs 8 adapters in one engine batch: the worker's VLLM_MAX_LORAS is raised from the
+default 4 to 8 (unless set), and the direct engine gets the same. It also records GPU memory (nvidia-smi,
+sampled every 0.5 s) at start and at the peak of each part, healthz (memory plan, which sampler served), and
+what a SIGKILL of the worker leaves behind. With
 BENCH_PYSPY=1 a second, unmeasured sampling pass runs under `py-spy record` (worker and engine processes).
 Every figure goes to OUT/bench_one_gpu_<shape>.json as soon as it exists; OUT/DONE marks the end.
 
