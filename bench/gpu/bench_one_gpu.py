@@ -42,6 +42,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))  # bench_train's bare PEFT loop (imported where it runs)
 
+from src.ports import free_port  # noqa: E402 (after the path it is found on)
+
 SHAPES = {  # random bf16 weights; the tokenizer is Tink's tiny one (ids < 512 are all that is sampled)
     "7b": dict(family="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                intermediate_size=18944, vocab_size=152064),  # Qwen2.5-7B
@@ -50,7 +52,7 @@ SHAPES = {  # random bf16 weights; the tokenizer is Tink's tiny one (ids < 512 a
     "tiny": dict(family="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                  intermediate_size=256, vocab_size=512),
 }
-PORT = 18777
+PORT = free_port()  # the worker's, on loopback
 KEY = "tml-bench"
 
 
