@@ -231,12 +231,15 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
                                    + rec.data["save_for_sampler_s"] + seconds, 2)
         rec["logprob_gap"] = sampler_vs_trainer(trainer, prompts[:4], results[:4])
         scored = [[rng.randrange(3, 500) for _ in range(args.score_len)] for _ in range(args.score_seqs)]
-        rec["compute_logprobs"] = compute_logprobs_rate(trainer, sampler, scored)
+        skip = set(args.skip.split(","))
+        if "logprobs" not in skip:
+            rec["compute_logprobs"] = compute_logprobs_rate(trainer, sampler, scored)
         if os.environ.get("BENCH_PYSPY"):
             profile_sampling(proc.pid, sampler, prompts, args.samples, params, Path(args.out))
-        gpu.mark()
-        rec["grpo_full_step"] = full_grpo_step(trainer, prompts, results, seconds)
-        rec["gpu_mib_peak_full_step_train"] = gpu.peak()
+        if "grpo" not in skip:
+            gpu.mark()
+            rec["grpo_full_step"] = full_grpo_step(trainer, prompts, results, seconds)
+            rec["gpu_mib_peak_full_step_train"] = gpu.peak()
         rec["health_after"] = health()
         adapter = sorted(glob.glob(f"{state}/checkpoints/**/adapter_config.json", recursive=True),
                          key=os.path.getmtime)[-1]
@@ -405,6 +408,9 @@ def run_direct_vllm(args, model: Path, ref: dict, rec: Recorder) -> None:
             rec[key + suffix] = {"tokens": tokens, "reps_tok_s": reps, "tok_s": max(reps)}
             ratio = f"{tink}_ratio_vs_direct" + ("_logprobs" if logprobs == 0 else "")
             rec[ratio] = round(rec.data[tink]["best_tok_s"] / max(reps), 3)
+    if "logprobs" in set(args.skip.split(",")):
+        llm.llm_engine.engine_core.shutdown()
+        return
     # compute_logprobs' reference: a prefill of the same tokens with prompt logprobs, base model, and the
     # teacher forcing Tink did before (one 1-token request per position), on two of the sequences.
     scored = [TokensPrompt(prompt_token_ids=s) for s in ref["scored"]]
@@ -470,7 +476,7 @@ def main() -> None:
                         help="adapters of the mixed sampling pass (prompt i on adapter i mod K; 0: none); the "
                              "worker's VLLM_MAX_LORAS is raised to K unless set")
     parser.add_argument("--orphan-wait-s", type=float, default=5.0)
-    parser.add_argument("--skip", default="", help="comma list of: direct, peft")
+    parser.add_argument("--skip", default="", help="comma list of: direct, peft (the references), logprobs (compute_logprobs and its reference), grpo (the full GRPO step)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
