@@ -17,7 +17,7 @@ the final RequestOutput is the same. Unmarked requests (a user's own `vllm serve
 installed, `LLM.generate`) are left as they are. Installed in every vLLM process by src/vllm_plugin.py;
 any surprise turns it off, logged: later requests get per-step logprobs again, the ones already marked are
 still held and joined at their end. A request whose own join failed goes out with its last step's logprobs
-only, short of its tokens (Tink's sampler then fails on its lookup, unless the first and last tokens agree).
+only, short of its tokens (Tink's sampler then fails that request, naming both counts: vllm_backend.sampled_logprobs).
 """
 
 from __future__ import annotations
