@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from src.backends import ForwardBackwardResult, LoraSpec, TrainDatum  # noqa: E402
 from src.hf_trainer import HFTrainer  # noqa: E402
 from src.multi_adapter import AdapterPass, PassJoiner  # noqa: E402
+from src.scheduling import joined_shape  # noqa: E402
 from src.tiny_model import build_model, build_tokenizer, ensure_tiny_model  # noqa: E402
 
 SHAPES = {"tiny": {"layers": 2, "hidden": 128}, "small": {"layers": 6, "hidden": 512}}
@@ -103,16 +104,17 @@ def scheduled_groups(trainer: HFTrainer, passes: list[AdapterPass]) -> list[list
     """The passes the worker's scheduler forms when all the requests wait at once: each head takes the
     others in order while the joined pass fits one micro-batch (`PassJoiner.token_limit`)."""
     limit = PassJoiner(lambda: trainer, lambda _: None, len(passes), 1 << 40).token_limit
+    shapes = [(len(p.data), max(len(d.tokens) for d in p.data)) for p in passes]  # (rows, longest)
     waiting, groups = list(range(len(passes))), []
     while waiting:
         group = [waiting.pop(0)]
-        rows, longest = len(passes[group[0]].data), max(len(d.tokens) for d in passes[group[0]].data)
+        rows, longest = shapes[group[0]]
         for i in list(waiting):
-            longer = max(longest, max(len(d.tokens) for d in passes[i].data))
-            if (rows + len(passes[i].data)) * longer <= limit(longer):
+            grown = joined_shape(rows, longest, *shapes[i], limit)
+            if grown is not None:
                 group.append(i)
                 waiting.remove(i)
-                rows, longest = rows + len(passes[i].data), longer
+                rows, longest = grown
         groups.append(group)
     return groups
 

@@ -258,11 +258,11 @@ class Scheduler:
             candidate = self._queues[other][0].joinable
             if other == model_id or candidate is None or candidate.kind != joinable.kind:
                 continue
-            longer = max(longest, candidate.longest)
-            if (rows + candidate.rows) * longer > joinable.token_limit(longer):
+            grown = joined_shape(rows, longest, candidate.rows, candidate.longest, joinable.token_limit)
+            if grown is None:
                 continue
             joined.append(other)
-            rows, longest = rows + candidate.rows, longer
+            rows, longest = grown
             self._ready.remove(other)
         return joined
 
@@ -357,6 +357,14 @@ SHUTDOWN_REASON = (
     "The Tink worker shut down before running this operation (its grace period ran out); "
     "nothing of it was applied. Submit it again."
 )
+
+
+def joined_shape(rows: int, longest: int, more_rows: int, more_longest: int,
+                 token_limit: Callable[[int], int]) -> tuple[int, int] | None:
+    """(rows, longest) of a joined pass grown by one more request, or None where its padded size (all its
+    rows x its longest sequence) would pass `token_limit(longest)`."""
+    rows, longest = rows + more_rows, max(longest, more_longest)
+    return (rows, longest) if rows * longest <= token_limit(longest) else None
 
 
 def _outcome_of(result: Outcome | BaseException) -> Outcome:
