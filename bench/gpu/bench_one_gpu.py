@@ -127,6 +127,11 @@ def build_model(path: Path, shape: dict) -> None:
         torch.cuda.empty_cache()  # the worker under test must find the GPU as empty as a new user's
 
 
+def skipped(args, part: str) -> bool:
+    """Whether --skip names `part`."""
+    return part in args.skip.split(",")
+
+
 def engine_max_loras(args) -> int:
     """Adapters per engine batch, Tink's and the direct reference's alike: the defaults' 4, or enough for the
     mixed pass (8 adapters in 4 slots would measure slot swapping, not sampling)."""
@@ -210,40 +215,35 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
         sampler.sample(types.ModelInput.from_ints(prompts[0]), 1, types.SamplingParams(max_tokens=4)).result()
         rec["save_for_sampler_s"] = round(time.time() - t0, 3)
         gpu.mark()
-        t0 = time.time()
-        futures = [sampler.sample(types.ModelInput.from_ints(p), args.samples, params) for p in prompts]
-        results = [f.result() for f in futures]
-        seconds = time.time() - t0
+        results, seconds = sdk_batch([sampler], prompts, args.samples, params)
         rec["gpu_mib_peak_sample"] = gpu.peak()
-        tokens = sum(len(s.tokens) for r in results for s in r.sequences)
+        tokens = sampled_tokens(results)
         first = {"tokens": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1)}
         rec["sample"] = first
         reps = [first["tok_s"]]
         for _ in range(args.sample_reps - 1):  # the same batch again: one pass alone does not separate noise
-            t1 = time.time()
-            again = [f.result() for f in [sampler.sample(types.ModelInput.from_ints(p), args.samples, params)
-                                          for p in prompts]]
-            reps.append(round(sum(len(s.tokens) for r in again for s in r.sequences) / (time.time() - t1), 1))
+            again, again_s = sdk_batch([sampler], prompts, args.samples, params)
+            reps.append(round(sampled_tokens(again) / again_s, 1))
         rec["sample"] = {**first, "reps_tok_s": reps, "best_tok_s": max(reps)}
+        mixed: list[str] = []  # the mixed pass's adapter folders, for the direct reference
         if args.mixed_adapters > 1:
             rec["sample_mixed"], mixed = sample_mixed(service, model, trainer, state, prompts, args, params)
         rec["grpo_step_s"] = round(steps[-1]["forward_backward_s"] + steps[-1]["optim_step_s"]
                                    + rec.data["save_for_sampler_s"] + seconds, 2)
         rec["logprob_gap"] = sampler_vs_trainer(trainer, prompts[:4], results[:4])
         scored = [[rng.randrange(3, 500) for _ in range(args.score_len)] for _ in range(args.score_seqs)]
-        skip = set(args.skip.split(","))
-        if "logprobs" not in skip:
+        if not skipped(args, "logprobs"):
             rec["compute_logprobs"] = compute_logprobs_rate(trainer, sampler, scored)
         if os.environ.get("BENCH_PYSPY"):
             profile_sampling(proc.pid, sampler, prompts, args.samples, params, Path(args.out))
-        if "grpo" not in skip:
+        if not skipped(args, "grpo"):
             gpu.mark()
             rec["grpo_full_step"] = full_grpo_step(trainer, prompts, results, seconds)
             rec["gpu_mib_peak_full_step_train"] = gpu.peak()
         rec["health_after"] = health()
         adapter = sorted(glob.glob(f"{state}/checkpoints/**/adapter_config.json", recursive=True),
                          key=os.path.getmtime)[-1]
-        return {"adapter": str(Path(adapter).parent), "mixed": mixed if args.mixed_adapters > 1 else [],
+        return {"adapter": str(Path(adapter).parent), "mixed": mixed,
                 "prompts": prompts, "scored": scored,
                 "microbatches": trainer_memory.get("last_microbatch_tokens") or [args.seq * args.batch],
                 "checkpointed": bool(trainer_memory.get("last_checkpointed")),
@@ -263,6 +263,22 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
             os.kill(pid, signal.SIGKILL)
 
 
+def sdk_batch(samplers, prompts, samples: int, params) -> tuple[list, float]:
+    """One pass of the batch through the SDK, all of it in flight, prompt i on samplers[i mod K]: the results
+    and the seconds from the first submit to the last result."""
+    from tinker import types
+
+    t0 = time.time()
+    futures = [samplers[i % len(samplers)].sample(types.ModelInput.from_ints(p), samples, params)
+               for i, p in enumerate(prompts)]
+    results = [f.result() for f in futures]
+    return results, time.time() - t0
+
+
+def sampled_tokens(results) -> int:
+    return sum(len(s.tokens) for r in results for s in r.sequences)
+
+
 def sample_mixed(service, model: Path, trainer, state: Path, prompts, args, params) -> tuple[dict, list[str]]:
     """The same batch over K adapters at once, prompt i on adapter i mod K (many users' runs on one worker):
     the trained adapter and K-1 fresh ones, each saved for the sampler. Returns the figures and the K adapter
@@ -277,12 +293,8 @@ def sample_mixed(service, model: Path, trainer, state: Path, prompts, args, para
         s.sample(types.ModelInput.from_ints(prompts[0]), 1, types.SamplingParams(max_tokens=4)).result()
     reps = []
     for _ in range(args.sample_reps):
-        t0 = time.time()
-        futures = [samplers[i % len(samplers)].sample(types.ModelInput.from_ints(p), args.samples, params)
-                   for i, p in enumerate(prompts)]
-        results = [f.result() for f in futures]
-        seconds = time.time() - t0
-        tokens = sum(len(s.tokens) for r in results for s in r.sequences)
+        results, seconds = sdk_batch(samplers, prompts, args.samples, params)
+        tokens = sampled_tokens(results)
         reps.append(round(tokens / seconds, 1))
     folders = [str(state / "checkpoints" / path.removeprefix("tinker://")) for path in paths]
     return {"adapters": len(samplers), "tokens": tokens, "reps_tok_s": reps, "best_tok_s": max(reps)}, folders
@@ -345,12 +357,8 @@ def profile_sampling(pid: int, sampler, prompts, samples: int, params, out: Path
     spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "50",
                             "--format", "raw", "--output", str(out / "pyspy_sampling.txt")],
                            stdout=subprocess.DEVNULL, stderr=open(out / "pyspy.log", "w"))
-    from tinker import types
-
     time.sleep(2)
-    futures = [sampler.sample(types.ModelInput.from_ints(p), samples, params) for p in prompts]
-    for f in futures:
-        f.result()
+    sdk_batch([sampler], prompts, samples, params)
     spy.send_signal(signal.SIGINT)
     try:
         spy.wait(timeout=60)
@@ -408,11 +416,17 @@ def run_direct_vllm(args, model: Path, ref: dict, rec: Recorder) -> None:
             rec[key + suffix] = {"tokens": tokens, "reps_tok_s": reps, "tok_s": max(reps)}
             ratio = f"{tink}_ratio_vs_direct" + ("_logprobs" if logprobs == 0 else "")
             rec[ratio] = round(rec.data[tink]["best_tok_s"] / max(reps), 3)
-    if "logprobs" in set(args.skip.split(",")):
-        llm.llm_engine.engine_core.shutdown()
-        return
-    # compute_logprobs' reference: a prefill of the same tokens with prompt logprobs, base model, and the
-    # teacher forcing Tink did before (one 1-token request per position), on two of the sequences.
+    if not skipped(args, "logprobs"):
+        direct_compute_logprobs(llm, ref, rec, lora)
+    llm.llm_engine.engine_core.shutdown()
+
+
+def direct_compute_logprobs(llm, ref: dict, rec: Recorder, lora) -> None:
+    """compute_logprobs' reference: a prefill of the same tokens with prompt logprobs, base model, and the
+    teacher forcing Tink did before (one 1-token request per position), on two of the sequences."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     scored = [TokensPrompt(prompt_token_ids=s) for s in ref["scored"]]
     llm.generate(scored[:2], SamplingParams(max_tokens=1, prompt_logprobs=0))
     t0 = time.time()
@@ -430,7 +444,6 @@ def run_direct_vllm(args, model: Path, ref: dict, rec: Recorder) -> None:
     if "compute_logprobs" in rec.data:
         rec["compute_logprobs_ratio_vs_prefill"] = round(rec.data["compute_logprobs"]["tok_s"]
                                                          / rec.data["direct_vllm_prompt_logprobs"]["tok_s"], 3)
-    llm.llm_engine.engine_core.shutdown()
 
 
 def run_bare_peft(args, model: Path, ref: dict, rec: Recorder) -> None:
@@ -493,9 +506,8 @@ def main() -> None:
         ref = run_tink(args, model, rec, gpu)
     except Exception as exc:
         rec.error("tink", exc)
-    skip = set(args.skip.split(","))
     for name, stage in (("direct", run_direct_vllm), ("peft", run_bare_peft)):
-        if ref is None or name in skip:
+        if ref is None or skipped(args, name):
             continue
         try:
             stage(args, model, ref, rec)
