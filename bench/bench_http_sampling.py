@@ -25,6 +25,7 @@ import argparse
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -42,12 +43,18 @@ API_KEY = "tml-tink-bench-key"
 
 class InstantSampler:
     """Answers each job with `num_samples` ready-made sequences of `max_tokens` tokens (the same content every
-    time: building them would be the engine's work, which this bench leaves out)."""
+    time: building them would be the engine's work, which this bench leaves out).
+
+    With `engine_s` > 0 it answers as a batched engine does instead: every job that arrives while others are in
+    flight ends together, `engine_s` after the first of them arrived. Then a batch's seconds through the SDK
+    minus `engine_s` is what the HTTP path adds to a pass whose results all wait on its last step (the long-poll
+    and result transfer after a real wait, not only after an instant answer)."""
 
     name = "instant"
 
-    def __init__(self, inner, vocab: int):
+    def __init__(self, inner, vocab: int, engine_s: float = 0.0):
         self._inner, self._vocab, self._made = inner, vocab, {}
+        self._engine_s, self._lock, self._in_flight, self._ends_at = engine_s, threading.Lock(), 0, 0.0
 
     def __getattr__(self, name):  # health(), close(), adapters: the real sampler's
         return getattr(self._inner, name)
@@ -62,11 +69,21 @@ class InstantSampler:
         return SampledSequence(list(tokens), list(logprobs), "length")
 
     def sample(self, job: SampleJob, sink=None) -> SampleResult:
+        if self._engine_s > 0:
+            with self._lock:
+                if self._in_flight == 0:  # the first of a batch starts the engine's clock
+                    self._ends_at = time.monotonic() + self._engine_s
+                self._in_flight += 1
+            try:
+                time.sleep(max(0.0, self._ends_at - time.monotonic()))
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
         return SampleResult([self._sequence(job.params.max_tokens, i) for i in range(job.num_samples)],
                             served_by=self.name)
 
 
-def serve(root: Path, port: int, transport: str) -> None:
+def serve(root: Path, port: int, transport: str, engine_s: float) -> None:
     """The worker process: the tiny model's worker with its sampler replaced, on `port`, until killed; it tells
     the SDK to use `transport` (the client config's `use_pyqwest_transport`)."""
     from src.api.service import CLIENT_CONFIG
@@ -77,17 +94,19 @@ def serve(root: Path, port: int, transport: str) -> None:
     from src.worker import Worker
 
     model = ensure_tiny_model(root / "tiny")
-    config = Config(base_model=str(model), state_dir=root / "state", api_keys=(API_KEY,), port=port)
+    # As many samples at once as a vLLM worker runs (TINK_SAMPLING_THREADS' vLLM default), not HF's 16
+    config = Config(base_model=str(model), state_dir=root / "state", api_keys=(API_KEY,), port=port,
+                    sampling_threads=256)
     worker = Worker.from_config(config)
-    worker.sampler = InstantSampler(worker.sampler, vocab=500)
+    worker.sampler = InstantSampler(worker.sampler, vocab=500, engine_s=engine_s)
     CLIENT_CONFIG["use_pyqwest_transport"] = transport == "pyqwest"
     make_server(create_app(config, worker), config).run()
 
 
-def start_worker(root: Path, port: int, transport: str) -> subprocess.Popen:
+def start_worker(root: Path, port: int, transport: str, engine_s: float) -> subprocess.Popen:
     """This script in `--serve` mode, in its own process (the client's SDK must not share the worker's GIL)."""
     worker = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--root", str(root),
-                               "--transports", transport],
+                               "--transports", transport, "--engine-s", str(engine_s)],
                               stdout=subprocess.DEVNULL, stderr=open(root / "worker.log", "w"))
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -114,16 +133,24 @@ def main() -> None:
     parser.add_argument("--transports", default="pyqwest,httpx",
                         help="the SDK's HTTP transports to compare (the worker's client config picks one: "
                              "pyqwest, or httpx's own, Tink's)")
+    parser.add_argument("--engine-s", type=float, default=0.0,
+                        help="the stand-in sampler ends each batch this long after its first request arrived, as a "
+                             "batched engine would (0: it answers at once)")
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)  # the worker process's port
     parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(Path(args.root), args.serve, args.transports)
+        serve(Path(args.root), args.serve, args.transports, args.engine_s)
         return
     tokens = args.prompts * args.n * args.max_tokens
     print(f"batch: {args.prompts} prompts x {args.n} samples x {args.max_tokens} tokens = {tokens:,} tokens, with logprobs")
     for transport in args.transports.split(","):
         sdk_s = batch_seconds(args, transport)
+        if args.engine_s > 0:
+            print(f"SDK transport {transport:>8}: {sdk_s:.3f} s a batch (best of {args.reps}) whose engine takes "
+                  f"{args.engine_s:.2f} s: the HTTP path adds {sdk_s - args.engine_s:.3f} s, the SDK reaches "
+                  f"{args.engine_s / sdk_s:.3f}x of the engine")
+            continue
         print(f"SDK transport {transport:>8}: {sdk_s:.3f} s a batch (best of {args.reps}), the sampler answering at once;"
               f" alone, the HTTP path would carry {tokens / sdk_s:,.0f} tokens/s")
         for engine_tok_s in (20_000, 40_000, 60_000):
@@ -140,7 +167,7 @@ def batch_seconds(args, transport: str) -> float:
     tokens = args.prompts * args.n * args.max_tokens
     with tempfile.TemporaryDirectory() as root:
         port = free_port()
-        worker = start_worker(Path(root), port, transport)
+        worker = start_worker(Path(root), port, transport, args.engine_s)
         try:
             client = tinker.ServiceClient(base_url=f"http://127.0.0.1:{port}", api_key=API_KEY)
             sampler = client.create_sampling_client(base_model=str(Path(root) / "tiny")).result()

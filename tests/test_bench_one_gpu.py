@@ -29,6 +29,8 @@ def test_the_one_gpu_bench_measures_every_row_on_a_tiny_model(tmp_path):
     assert result["sample_mixed"]["adapters"] == 3
     for row in ("sample", "sample_mixed"):
         assert len(result[row]["reps_tok_s"]) == 2 and result[row]["best_tok_s"] > 0
+        for timeline in result[row]["timelines"]:  # every sample of the pass, as the worker recorded it
+            assert timeline["samples"] == 4 and timeline["running_s"] > 0 and timeline["tail_s"] >= 0
         for reference in ("", "_logprobs"):
             assert result[f"{row}_ratio_vs_direct{reference}"] > 0
     assert result["direct_vllm_mixed"]["tokens"] > 0 and result["direct_vllm_logprobs_mixed"]["tokens"] > 0

@@ -215,16 +215,17 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
         sampler.sample(types.ModelInput.from_ints(prompts[0]), 1, types.SamplingParams(max_tokens=4)).result()
         rec["save_for_sampler_s"] = round(time.time() - t0, 3)
         gpu.mark()
-        results, seconds = sdk_batch([sampler], prompts, args.samples, params)
+        results, seconds, timeline = sdk_batch([sampler], prompts, args.samples, params, state)
         rec["gpu_mib_peak_sample"] = gpu.peak()
         tokens = sampled_tokens(results)
         first = {"tokens": tokens, "seconds": round(seconds, 2), "tok_s": round(tokens / seconds, 1)}
         rec["sample"] = first
-        reps = [first["tok_s"]]
+        reps, timelines = [first["tok_s"]], [timeline]
         for _ in range(args.sample_reps - 1):  # the same batch again: one pass alone does not separate noise
-            again, again_s = sdk_batch([sampler], prompts, args.samples, params)
+            again, again_s, timeline = sdk_batch([sampler], prompts, args.samples, params, state)
             reps.append(round(sampled_tokens(again) / again_s, 1))
-        rec["sample"] = {**first, "reps_tok_s": reps, "best_tok_s": max(reps)}
+            timelines.append(timeline)
+        rec["sample"] = {**first, "reps_tok_s": reps, "best_tok_s": max(reps), "timelines": timelines}
         mixed: list[str] = []  # the mixed pass's adapter folders, for the direct reference
         if args.mixed_adapters > 1:
             rec["sample_mixed"], mixed = sample_mixed(service, model, trainer, state, prompts, args, params)
@@ -263,16 +264,40 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
             os.kill(pid, signal.SIGKILL)
 
 
-def sdk_batch(samplers, prompts, samples: int, params) -> tuple[list, float]:
-    """One pass of the batch through the SDK, all of it in flight, prompt i on samplers[i mod K]: the results
-    and the seconds from the first submit to the last result."""
+def sdk_batch(samplers, prompts, samples: int, params, state: Path) -> tuple[list, float, dict]:
+    """One pass of the batch through the SDK, all of it in flight, prompt i on samplers[i mod K]: the results,
+    the seconds from the first submit to the last result, and where those seconds went (`pass_timeline`)."""
     from tinker import types
 
     t0 = time.time()
     futures = [samplers[i % len(samplers)].sample(types.ModelInput.from_ints(p), samples, params)
                for i, p in enumerate(prompts)]
     results = [f.result() for f in futures]
-    return results, time.time() - t0
+    t1 = time.time()
+    return results, t1 - t0, pass_timeline(state, t0, t1)
+
+
+def pass_timeline(state: Path, t0: float, t1: float) -> dict:
+    """Where an SDK pass's seconds went, from the times the worker recorded for each of its samples (its
+    SQLite database, read beside it): how long the requests took to reach the worker (`arrivals_s`, first to
+    last), the first one's start to the last one's end (`running_s`), and the results' way back to the client
+    after that (`tail_s`). A pass whose `arrivals_s` or `tail_s` is large lost time on the HTTP path, not in
+    the engine."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{state / 'tink.sqlite3'}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT created_at, started_at, finished_at FROM futures WHERE op='sample' AND "
+                          "created_at >= ? AND finished_at <= ? AND status='done'", (t0, t1)).fetchall()
+    finally:
+        db.close()
+    if not rows:
+        return {"samples": 0}
+    created, started, finished = (sorted(column) for column in zip(*rows))
+    return {"samples": len(rows), "first_arrival_s": round(created[0] - t0, 3),
+            "arrivals_s": round(created[-1] - created[0], 3),
+            "longest_wait_s": round(max(s - c for c, s, _ in rows), 3),
+            "running_s": round(finished[-1] - started[0], 3), "tail_s": round(t1 - finished[-1], 3)}
 
 
 def sampled_tokens(results) -> int:
@@ -291,13 +316,15 @@ def sample_mixed(service, model: Path, trainer, state: Path, prompts, args, para
     samplers = [service.create_sampling_client(model_path=path) for path in paths]
     for s in samplers:  # each adapter loaded into the engine before the clock starts
         s.sample(types.ModelInput.from_ints(prompts[0]), 1, types.SamplingParams(max_tokens=4)).result()
-    reps = []
+    reps, timelines = [], []
     for _ in range(args.sample_reps):
-        results, seconds = sdk_batch(samplers, prompts, args.samples, params)
+        results, seconds, timeline = sdk_batch(samplers, prompts, args.samples, params, state)
         tokens = sampled_tokens(results)
         reps.append(round(tokens / seconds, 1))
+        timelines.append(timeline)
     folders = [str(state / "checkpoints" / path.removeprefix("tinker://")) for path in paths]
-    return {"adapters": len(samplers), "tokens": tokens, "reps_tok_s": reps, "best_tok_s": max(reps)}, folders
+    return {"adapters": len(samplers), "tokens": tokens, "reps_tok_s": reps, "best_tok_s": max(reps),
+            "timelines": timelines}, folders
 
 
 def full_grpo_step(trainer, prompts, results, sample_s: float) -> dict:
@@ -354,11 +381,12 @@ def compute_logprobs_rate(trainer, sampler, sequences) -> dict:
 
 def profile_sampling(pid: int, sampler, prompts, samples: int, params, out: Path) -> None:
     """A second, unmeasured sampling pass under py-spy (worker and engine processes), for the throughput issue."""
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate", "50",
+    # --idle: waits are recorded too, so the engine's waiting on the GPU and its waiting for requests both show
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--idle", "--rate", "50",
                             "--format", "raw", "--output", str(out / "pyspy_sampling.txt")],
                            stdout=subprocess.DEVNULL, stderr=open(out / "pyspy.log", "w"))
     time.sleep(2)
-    sdk_batch([sampler], prompts, samples, params)
+    sdk_batch([sampler], prompts, samples, params, out / "state")
     spy.send_signal(signal.SIGINT)
     try:
         spy.wait(timeout=60)

@@ -4,13 +4,15 @@
     python bench/gpu/plot_throughput.py bench/results --run 4 --png bench/results/throughput_run4.png
     python bench/gpu/plot_throughput.py bench/results --run 5 --png bench/results/throughput_run5.png
     python bench/gpu/plot_throughput.py bench/results --run 6 --png bench/results/throughput_run6.png
+    python bench/gpu/plot_throughput.py bench/results --run 7 --png bench/results/throughput_run7.png
 
 Run 3 reads one_gpu_7b_run3.json (bench_one_gpu.py), multi_adapter_gpu.txt (bench/bench_multi_adapter.py's
 table) and steering_0.5b.json (bench_steering.py); run 4 reads train_0.5b_gpu.json (bench/bench_train.py),
 multi_adapter_gpu.txt and multi_adapter_gpu_run4.txt, and steering_0.5b_run4.json; run 5 reads
 train_7b_gpu.json and train_7b_is_gpu.json, sampling_0.5b_run5.txt (bench/bench_sampling.py's lines),
 steering_7b_run5.json and multi_adapter_gpu_run5.txt; run 6 reads sampling_0.5b_run6.txt (with the
-logprobs-at-end A/B) and steering_0.5b_run6.json. Needs matplotlib
+logprobs-at-end A/B) and steering_0.5b_run6.json; run 7 reads one_gpu_0.5b_run7.json and one_gpu_7b_run7.json
+(bench_one_gpu.py: sampling through the SDK against LLM.generate, 1 adapter and 8 mixed). Needs matplotlib
 (not a Tink dependency).
 """
 
@@ -36,15 +38,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--png", type=Path, required=True)
-    parser.add_argument("--run", type=int, default=3, choices=[3, 4, 5, 6])
+    parser.add_argument("--run", type=int, default=3, choices=[3, 4, 5, 6, 7])
     args = parser.parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if args.run in (4, 5, 6):
-        {4: plot_run4, 5: plot_run5, 6: plot_run6}[args.run](args.folder, plt).savefig(args.png, dpi=110)
+    if args.run in (4, 5, 6, 7):
+        {4: plot_run4, 5: plot_run5, 6: plot_run6, 7: plot_run7}[args.run](args.folder, plt).savefig(args.png, dpi=110)
         return
     one = json.loads((args.folder / "one_gpu_7b_run3.json").read_text())
     multi = multi_adapter_rows((args.folder / "multi_adapter_gpu.txt").read_text())
@@ -179,6 +181,27 @@ def plot_run6(folder: Path, plt):
     fig.tight_layout()
     return fig
 
+
+def plot_run7(folder: Path, plt):
+    """Item 1 through the SDK, as users sample: each shape, 1 adapter and 8 mixed, best pass of each side (a
+    shape whose direct reference the budget did not reach shows Tink's bars alone)."""
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5.5))
+    panels = [(shape, row) for shape in ("7b", "0.5b") for row in ("", "_mixed")]
+    for ax, (shape, row) in zip(axes, panels):
+        one = json.loads((folder / f"one_gpu_{shape}_run7.json").read_text())
+        tink = one[f"sample{row}"]
+        adapters = f"{tink['adapters']} adapters mixed" if row else "1 adapter"
+        bars = {"Tink\n(SDK)": tink["best_tok_s"]}
+        for key, label in ((f"direct_vllm{row}", "vLLM\nno logprobs"), (f"direct_vllm_logprobs{row}", "vLLM\nlogprobs=0")):
+            if key in one:
+                bars[label] = one[key]["tok_s"]
+        goal = f"goal: >= {0.9 if row else 0.95}x LLM.generate" if len(bars) > 1 else "LLM.generate not reached (budget)"
+        labelled_bars(ax, bars, ["#2a7", "#468", "#8ab"][:len(bars)],
+                      f"sampling {shape}, {adapters}, best of {len(tink['reps_tok_s'])}\n({goal})", "tokens / s")
+        ax.plot([0] * len(tink["reps_tok_s"]), tink["reps_tok_s"], "k.", alpha=0.6)
+    fig.suptitle("Tink through the SDK vs vLLM's LLM.generate, same batch, one H200 (2026-12-07, seventh run)")
+    fig.tight_layout()
+    return fig
 
 if __name__ == "__main__":
     main()
