@@ -43,6 +43,11 @@ class WorkerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Registered first, so a scrape reads what is in flight before what has finished: the scheduler counts
+        # an operation finished before it leaves the in-flight set, so a scrape that shows nothing in flight
+        # also counts every operation that was (read the other way round, one could slip between the two).
+        self._live = _LiveState()
+        self.registry.register(self._live)
         self.http_requests = Counter(
             "tink_http_requests", "HTTP requests answered, by route template, method and status code.",
             ["route", "method", "status"], registry=self.registry)
@@ -72,7 +77,7 @@ class WorkerMetrics:
 
     def watch(self, worker: Worker) -> None:
         """Report `worker`'s queues and sampler at each scrape (call once its scheduler exists)."""
-        self.registry.register(_LiveState(worker))
+        self._live.worker = worker
 
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format."""
@@ -103,15 +108,17 @@ class WorkerMetrics:
 class _LiveState(Collector):
     """What the worker holds at the moment of the scrape: queues, futures in flight, the sampler."""
 
-    def __init__(self, worker: Worker):
-        self._worker = worker
+    def __init__(self) -> None:
+        self.worker: Worker | None = None  # set by WorkerMetrics.watch; nothing to report before
 
     def describe(self) -> Iterator[Any]:
         return iter(self._families())
 
     def collect(self) -> Iterator[Any]:
+        if self.worker is None:
+            return iter(())
         families = self._families()
-        depths = self._worker.scheduler.queue_depths()
+        depths = self.worker.scheduler.queue_depths()
         queue, models, longest, futures = families[:4]
         queue.add_metric(["training"], depths.training)
         queue.add_metric(["sampling"], depths.sampling)
@@ -143,7 +150,7 @@ class _LiveState(Collector):
         ]
 
     def _add_sampler(self, loaded, live, active, switches, refusals) -> None:
-        sampler = self._worker.sampler
+        sampler = self.worker.sampler
         fallback = sampler if isinstance(sampler, FallbackSampler) else None
         events = fallback.events() if fallback else {}
         switches.add_metric([], events.get("fallback_switches", 0))

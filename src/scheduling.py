@@ -197,21 +197,28 @@ class Scheduler:
             self._completions.wait_for(lambda: self._completion_count != seen, timeout)
 
     def queue_depths(self) -> QueueDepths:
-        """How many operations wait in each queue and how many run, now (read by /metrics)."""
+        """How many operations wait in each queue and how many run, now (read by /metrics). Waiting is every
+        accepted operation not started yet, one the training thread has taken off its queue but not yet
+        claimed included: counted by queue lengths, it would be neither waiting nor running for that moment."""
         with self._cond:
             lengths = [len(queue) for queue in self._queues.values()]
-            waiting_sampling = sum(1 for rid in self._waiting if not self._accepted.get(rid, ("", 0.0, True))[2])
-            return QueueDepths(training=sum(lengths), sampling=waiting_sampling, training_models=len(lengths),
-                               longest_training_queue=max(lengths, default=0),
+            waiting_training = sum(1 for rid in self._waiting if self._accepted.get(rid, ("", 0.0, True))[2])
+            return QueueDepths(training=waiting_training, sampling=len(self._waiting) - waiting_training,
+                               training_models=len(lengths), longest_training_queue=max(lengths, default=0),
                                running=len(self._accepted) - len(self._waiting))
 
     def _count_finished(self, request_id: str, status: str) -> None:
         """Tell the observer once (later calls do nothing). Called before the store shows the outcome,
-        so a client that has read its result also finds the operation in /metrics."""
+        so a client that has read its result also finds the operation in /metrics; and told before the
+        operation leaves `queue_depths`' running count, in one step, so that no moment shows it neither
+        running nor counted (a client waiting for nothing in flight then reads complete counters)."""
         with self._cond:
-            accepted = self._accepted.pop(request_id, None)
-        if accepted is not None and self._observer is not None:
-            self._observer.operation_finished(accepted[0], status, time.monotonic() - accepted[1])
+            accepted = self._accepted.get(request_id)
+            if accepted is None:
+                return
+            if self._observer is not None:
+                self._observer.operation_finished(accepted[0], status, time.monotonic() - accepted[1])
+            del self._accepted[request_id]
 
     def _finished(self, request_id: str, status: str) -> None:
         self._count_finished(request_id, status)

@@ -10,7 +10,7 @@ import pytest
 from src.backends import UserInputError
 from src.checkpoints import TinkerPath, write_atomically
 from src.config import Config, ConfigError
-from src.scheduling import Outcome, Scheduler
+from src.scheduling import Outcome, QueueDepths, Scheduler
 from src.store import RESTART_REASON, Store
 
 
@@ -78,24 +78,51 @@ def test_store_fails_unfinished_futures_on_reopen(tmp_path):
 def test_scheduler_keeps_order_per_model_and_interleaves_models(tmp_path):
     store = Store(tmp_path / "s.sqlite3")
     sched = Scheduler(store, sampling_threads=2)
-    gate = threading.Event()
+    gate, holding = threading.Event(), threading.Event()
     ran: list[str] = []
 
     def op(tag: str, wait: bool = False):
         def run() -> Outcome:
             if wait:
+                holding.set()
                 gate.wait(10)
             ran.append(tag)
             return Outcome("json", b"{}")
         return run
 
     first = sched.submit_training("op", "a", "o", op("a0", wait=True))  # holds the trainer thread
+    assert holding.wait(10)  # a0 is off its queue before the rest arrive (else a0's queue goes on holding a1)
     ids = [sched.submit_training("op", "a", "o", op(f"a{i}")) for i in range(1, 4)]
     ids += [sched.submit_training("op", "b", "o", op(f"b{i}")) for i in range(3)]
     gate.set()
     for rid in [first, *ids]:
         assert sched.wait(rid, 10).status == "done"
     assert ran == ["a0", "a1", "b0", "a2", "b1", "a3", "b2"]
+    sched.shutdown()
+
+
+def test_an_operation_taken_off_its_queue_but_not_started_still_counts_as_waiting(tmp_path, monkeypatch):
+    """/metrics' futures gauge (and a client waiting for `pending + running == 0`) must never miss an operation:
+    CI once read both as 0 while a session's unload sat between the queue and its start."""
+    store = Store(tmp_path / "s.sqlite3")
+    sched = Scheduler(store)
+    between, go = threading.Event(), threading.Event()
+    claim = Scheduler._claim
+
+    def slow_claim(self, request_id):  # hold the training thread right after it took the operation off the queue
+        between.set()
+        go.wait(10)
+        return claim(self, request_id)
+
+    monkeypatch.setattr(Scheduler, "_claim", slow_claim)
+    rid = sched.submit_training("unload_model", "m", "o", lambda: Outcome("json", b"{}"))
+    assert between.wait(10)
+    depths = sched.queue_depths()
+    assert (depths.training, depths.running, depths.longest_training_queue) == (1, 0, 0)
+    go.set()
+    assert sched.wait(rid, 10).status == "done"
+    assert sched.queue_depths() == QueueDepths(training=0, sampling=0, training_models=0, longest_training_queue=0,
+                                               running=0)
     sched.shutdown()
 
 
