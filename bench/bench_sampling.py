@@ -48,7 +48,8 @@ def count(results) -> int:
 def bench_tink(args, jobs, model: str) -> tuple[float, float, object]:
     from src.vllm_backend import VLLMEngineSampler
 
-    sampler = VLLMEngineSampler(model, max_loras=len({j.adapter.name for j in jobs}) + 1, max_lora_rank=args.rank,
+    max_loras = args.max_loras or len({j.adapter.name for j in jobs}) + 1
+    sampler = VLLMEngineSampler(model, max_loras=max_loras, max_lora_rank=args.rank,
                                 gpu_memory_utilization=args.gpu_mem, max_model_len=args.max_model_len)
     with ThreadPoolExecutor(len(jobs)) as pool:
         list(pool.map(sampler.sample, jobs[:len(jobs) // 4 or 1]))  # warm-up: adapters loaded, kernels ready
@@ -119,8 +120,9 @@ def bench_direct(args, jobs, model: str) -> dict[str, float]:
     cpu = current_platform.is_cpu()
     gpu_mem = args.gpu_mem or (0.1 if cpu else 0.9)  # VLLMEngineSampler's defaults
     names = sorted({j.adapter.name for j in jobs})
-    llm = LLM(model=model, enable_lora=True, max_loras=len(names) + 1, max_lora_rank=args.rank,
-              max_cpu_loras=len(names) + 1, gpu_memory_utilization=gpu_mem, enforce_eager=cpu,
+    max_loras = args.max_loras or len(names) + 1
+    llm = LLM(model=model, enable_lora=True, max_loras=max_loras, max_lora_rank=args.rank,
+              max_cpu_loras=max_loras, gpu_memory_utilization=gpu_mem, enforce_eager=cpu,
               max_model_len=args.max_model_len, dtype="float32" if cpu else "auto",
               logprobs_mode="processed_logprobs", generation_config="vllm", seed=0)
     loras = {n: LoRARequest(n, i + 1, str(j.adapter.path)) for i, n in enumerate(names) for j in jobs
@@ -185,6 +187,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--gpu-mem", type=float, default=None, help="VLLM_GPU_MEMORY_UTILIZATION (RAM share on CPU)")
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--max-loras", type=int, default=None,
+                        help="adapter slots of both engines (default: the adapters + 1; a worker's VLLM_MAX_LORAS)")
     parser.add_argument("--hf-fraction", type=int, default=4, help="time HF on 1/this of the batch")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-direct", action="store_true")
