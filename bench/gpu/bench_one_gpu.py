@@ -427,12 +427,14 @@ def run_direct_vllm(args, model: Path, ref: dict, rec: Recorder) -> None:
         cases.append(("sample_mixed", "_mixed", [LoRARequest(f"mixed-{i}", i + 2, folder)
                                                  for i, folder in enumerate(ref["mixed"])]))
     # Tink asks for each sampled token's logprob (RL needs it): measured with and without that, best of as
-    # many passes as Tink had.
+    # many passes as Tink had. No text: Tink's sampler detokenizes only for stop strings, which this batch has
+    # none of (before the ninth run this reference detokenized every step, work Tink did not do).
     for key, logprobs in (("direct_vllm", None), ("direct_vllm_logprobs", 0)):
-        params = SamplingParams(n=args.samples, max_tokens=args.max_tokens, temperature=1.0, logprobs=logprobs)
+        params = SamplingParams(n=args.samples, max_tokens=args.max_tokens, temperature=1.0, logprobs=logprobs,
+                                detokenize=False)
         for tink, suffix, loras in cases:
             warm = [prompts[i % len(prompts)] for i in range(len(loras))]  # every adapter loaded first
-            llm.generate(warm, SamplingParams(max_tokens=4, logprobs=logprobs), lora_request=loras)
+            llm.generate(warm, SamplingParams(max_tokens=4, logprobs=logprobs, detokenize=False), lora_request=loras)
             requests = [loras[i % len(loras)] for i in range(len(prompts))]
             reps = []
             for _ in range(args.sample_reps):
@@ -441,7 +443,8 @@ def run_direct_vllm(args, model: Path, ref: dict, rec: Recorder) -> None:
                 seconds = time.time() - t0
                 tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
                 reps.append(round(tokens / seconds, 1))
-            rec[key + suffix] = {"tokens": tokens, "reps_tok_s": reps, "tok_s": max(reps)}
+            text_chars = sum(len(c.text) for o in outs for c in o.outputs)  # 0: nothing was detokenized
+            rec[key + suffix] = {"tokens": tokens, "reps_tok_s": reps, "tok_s": max(reps), "text_chars": text_chars}
             ratio = f"{tink}_ratio_vs_direct" + ("_logprobs" if logprobs == 0 else "")
             rec[ratio] = round(rec.data[tink]["best_tok_s"] / max(reps), 3)
     if not skipped(args, "logprobs"):

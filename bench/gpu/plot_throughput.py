@@ -5,6 +5,7 @@
     python bench/gpu/plot_throughput.py bench/results --run 5 --png bench/results/throughput_run5.png
     python bench/gpu/plot_throughput.py bench/results --run 6 --png bench/results/throughput_run6.png
     python bench/gpu/plot_throughput.py bench/results --run 7 --png bench/results/throughput_run7.png
+    python bench/gpu/plot_throughput.py bench/results --run 8 --png bench/results/throughput_run8.png
 
 Run 3 reads one_gpu_7b_run3.json (bench_one_gpu.py), multi_adapter_gpu.txt (bench/bench_multi_adapter.py's
 table) and steering_0.5b.json (bench_steering.py); run 4 reads train_0.5b_gpu.json (bench/bench_train.py),
@@ -12,7 +13,8 @@ multi_adapter_gpu.txt and multi_adapter_gpu_run4.txt, and steering_0.5b_run4.jso
 train_7b_gpu.json and train_7b_is_gpu.json, sampling_0.5b_run5.txt (bench/bench_sampling.py's lines),
 steering_7b_run5.json and multi_adapter_gpu_run5.txt; run 6 reads sampling_0.5b_run6.txt (with the
 logprobs-at-end A/B) and steering_0.5b_run6.json; run 7 reads one_gpu_0.5b_run7.json and one_gpu_7b_run7.json
-(bench_one_gpu.py: sampling through the SDK against LLM.generate, 1 adapter and 8 mixed). Needs matplotlib
+(bench_one_gpu.py: sampling through the SDK against LLM.generate, 1 adapter and 8 mixed); run 8 reads
+one_gpu_0.5b_run8.json (with each SDK pass's timeline) and sampling_0.5b_run8.txt (the in-process passes). Needs matplotlib
 (not a Tink dependency).
 """
 
@@ -38,15 +40,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--png", type=Path, required=True)
-    parser.add_argument("--run", type=int, default=3, choices=[3, 4, 5, 6, 7])
+    parser.add_argument("--run", type=int, default=3, choices=[3, 4, 5, 6, 7, 8])
     args = parser.parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if args.run in (4, 5, 6, 7):
-        {4: plot_run4, 5: plot_run5, 6: plot_run6, 7: plot_run7}[args.run](args.folder, plt).savefig(args.png, dpi=110)
+    if args.run in (4, 5, 6, 7, 8):
+        plots = {4: plot_run4, 5: plot_run5, 6: plot_run6, 7: plot_run7, 8: plot_run8}
+        plots[args.run](args.folder, plt).savefig(args.png, dpi=110)
         return
     one = json.loads((args.folder / "one_gpu_7b_run3.json").read_text())
     multi = multi_adapter_rows((args.folder / "multi_adapter_gpu.txt").read_text())
@@ -202,6 +205,44 @@ def plot_run7(folder: Path, plt):
     fig.suptitle("Tink through the SDK vs vLLM's LLM.generate, same batch, one H200 (2026-12-07, seventh run)")
     fig.tight_layout()
     return fig
+
+
+def in_process_passes(text: str) -> list[float]:
+    """Every in-process pass (tok/s) listed in sampling_0.5b_run8.txt."""
+    return [float(v) for line in re.findall(r"passes \[([\d, ]+)\]", text) for v in line.split(",")]
+
+
+def plot_run8(folder: Path, plt):
+    """Where an SDK pass's seconds go (the worker's timelines) and whether the HTTP path or the engine holds it:
+    through the SDK, in-process, and LLM.generate side by side at 0.5B."""
+    one = json.loads((folder / "one_gpu_0.5b_run8.json").read_text())
+    passes = in_process_passes((folder / "sampling_0.5b_run8.txt").read_text())
+    fig, axes = plt.subplots(1, 2, figsize=(16, 5.5))
+    ax = axes[0]
+    bars = {"Tink\n(SDK)": one["sample"]["best_tok_s"], "Tink\nin-process\n(median)": sorted(passes)[len(passes) // 2],
+            "vLLM\nno logprobs*": one["direct_vllm"]["tok_s"], "vLLM\nlogprobs=0*": one["direct_vllm_logprobs"]["tok_s"]}
+    labelled_bars(ax, bars, ["#2a7", "#7b5", "#468", "#8ab"],
+                  "sampling 0.5B, 1 adapter, 64 x 8 x 256 (* LLM.generate detokenized, Tink does not)", "tokens / s")
+    ax.plot([1] * len(passes), passes, "k.", alpha=0.6)
+    ax.plot([0] * len(one["sample"]["reps_tok_s"]), one["sample"]["reps_tok_s"], "k.", alpha=0.6)
+    ax = axes[1]
+    rows = [(f"{label} #{i + 1}", t, row["tokens"] / rate)
+            for label, row in (("1 adapter", one["sample"]), ("8 mixed", one["sample_mixed"]))
+            for i, (t, rate) in enumerate(zip(row["timelines"], row["reps_tok_s"]))]
+    for y, (_, t, seconds) in enumerate(rows):  # each span where it lies in the pass, from the first submit
+        spans = (((t["first_arrival_s"], t["arrivals_s"]), "#e94", "requests arriving"),
+                 ((seconds - t["tail_s"] - t["running_s"], t["running_s"]), "#2a7", "first start to last finish"),
+                 ((seconds - t["tail_s"], t["tail_s"]), "#468", "results back to the client"))
+        for offset, (span, color, label) in enumerate(spans):
+            ax.broken_barh([span], (y - 0.35 + offset * 0.25, 0.22), color=color, label=label if y == 0 else None)
+    ax.set_yticks(range(len(rows)), [name for name, _, _ in rows])
+    ax.set_xlabel("seconds from the first submit")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8)
+    ax.set_title("one SDK pass, from the worker's database")
+    fig.suptitle("Tink at 0.5B on one H100: the pass is in the engine, not the HTTP path (2026-12-07, eighth run)")
+    fig.tight_layout()
+    return fig
+
 
 if __name__ == "__main__":
     main()
