@@ -210,6 +210,9 @@ def test_the_front_end_leaves_what_it_does_not_expect_to_vllm(vllm_engine):
     for processor, given in ((front_end_processor(0), joined_positions(1, 1)), (front_end_processor(0), spec_decode),
                              (front_end_processor(-1), lists)):
         assert not at_end.bulk_append(processor, given) and len(processor.logprobs) == 0
+    odd = front_end_processor(0)  # a layout bulk_append cannot read: vLLM's loop takes it, nothing is lost
+    odd._update_sample_logprobs(LogprobsLists(lists.logprob_token_ids, lists.logprobs, list(lists.sampled_token_ranks)))
+    assert len(odd.logprobs) == 6
     as_dicts, loop = front_end_processor(1, flat=False), front_end_processor(1, flat=False)
     as_dicts._update_sample_logprobs(lists)
     one_position_at_a_time(loop, lists)
