@@ -49,7 +49,10 @@ for step in $steps; do
         > "$out/lm_head/check.log" 2>&1 ;;
     lm_head_v1) PYTHONPATH=.:/tmp/site timeout 900 python3 bench/gpu/lm_head_check.py /tmp/lmh > "$out/lm_head_v1/check.log" 2>&1 ;;
     sampling)
+      # the engine settings a worker's bench_one_gpu.py run has (max_model_len 4096, 8 adapter slots), so that the
+      # in-process figures and the SDK's compare directly (runs 5 and 6 used max_model_len 512 and adapters + 1)
       common="--model $small --prompts 64 --n 8 --max-tokens 256 --prompt-len 32 --rank 32 --skip-hf --gpu-mem 0.4 --reps 2"
+      common="$common --max-model-len 4096 --max-loras 8"
       PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py $common --adapters 1 --at-end-ab 2 \
         --pyspy "$out/sampling/pyspy_tink.txt" > "$out/sampling/one_adapter.log" 2>&1
       PYTHONPATH=.:/tmp/site timeout 600 python3 bench/bench_sampling.py ${common/--prompts 64/--prompts 8} --adapters 8 --at-end-ab 2 \
