@@ -163,15 +163,12 @@ def bulk_append(processor: Any, logprobs_lists: Any) -> bool:
     positions = len(logprobs)
     per_position = min(logprobs.shape[1], 1 + num_logprobs)  # the sampled token, then the top-k
     sampled = logprobs[:, 0].tolist()
-    if per_position == 1:
-        entry_ids, entry_logprobs, entry_ranks = token_ids[:, 0].tolist(), sampled, ranks.tolist()
-    else:
-        entry_ids = token_ids[:, :per_position].ravel().tolist()
-        entry_logprobs = logprobs[:, :per_position].ravel().tolist()
-        rank_columns = np.empty((positions, per_position), dtype=np.int64)
-        rank_columns[:, 0] = ranks
-        rank_columns[:, 1:] = np.arange(1, per_position)  # vLLM's top-k ranks: 1..k
-        entry_ranks = rank_columns.ravel().tolist()
+    entry_ids = token_ids[:, :per_position].ravel().tolist()
+    entry_logprobs = logprobs[:, :per_position].ravel().tolist()
+    rank_columns = np.empty((positions, per_position), dtype=np.int64)
+    rank_columns[:, 0] = ranks
+    rank_columns[:, 1:] = np.arange(1, per_position)  # vLLM's top-k ranks: 1..k
+    entry_ranks = rank_columns.ravel().tolist()
     flat = processor.logprobs
     start = len(flat.logprobs)
     flat.start_indices.extend(range(start, start + positions * per_position, per_position))
