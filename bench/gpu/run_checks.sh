@@ -8,7 +8,8 @@
 #            static-hook tests under CUDA graphs on Model Runner V1 and on V2
 # one_gpu  : bench_one_gpu.py at 7B (sampling with 1 adapter and 8 mixed, compute_logprobs, training, through the
 #            SDK, against direct vLLM and bare PEFT); ONE_GPU_SHAPES="0.5b 7b" runs each shape in turn;
-#            ONE_GPU_ENV="VAR=value ..." is passed to its worker, ONE_GPU_ARGS to the bench (e.g. --skip peft)
+#            ONE_GPU_ENV="VAR=value ..." is passed to its worker, ONE_GPU_ARGS to the bench (e.g. --skip peft);
+#            BENCH_PYSPY=0 skips its profiled pass
 # lm_head  : lm_head_check.py (sampled and native prompt logprobs through lm_head LoRA, per family, vs HF+PEFT),
 #            on vLLM's Model Runner V2 (lm_head_v1: the same on V1)
 # sampling : bench_sampling.py at the 0.5B shape, 64 prompts x 8 x 256 (the batch), 1 adapter then 8 mixed,
@@ -40,7 +41,7 @@ for step in $steps; do
     one_gpu)
       for shape in ${ONE_GPU_SHAPES:-7b}; do
         mkdir -p "$out/one_gpu/$shape"
-        env ${ONE_GPU_ENV:-} BENCH_PYSPY=1 timeout 1500 python3 bench/gpu/bench_one_gpu.py --shape $shape --out /tmp/b-$shape \
+        env BENCH_PYSPY=${BENCH_PYSPY:-1} ${ONE_GPU_ENV:-} timeout 1500 python3 bench/gpu/bench_one_gpu.py --shape $shape --out /tmp/b-$shape \
           ${ONE_GPU_ARGS:-} > "$out/one_gpu/$shape/bench.log" 2>&1
         cp /tmp/b-$shape/bench_one_gpu_$shape.json /tmp/b-$shape/serve.log /tmp/b-$shape/pyspy* "$out/one_gpu/$shape/" 2>/dev/null
       done ;;
