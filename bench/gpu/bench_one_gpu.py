@@ -235,7 +235,7 @@ def run_tink(args, model: Path, rec: Recorder, gpu: GpuMemory) -> dict:
         scored = [[rng.randrange(3, 500) for _ in range(args.score_len)] for _ in range(args.score_seqs)]
         if not skipped(args, "logprobs"):
             rec["compute_logprobs"] = compute_logprobs_rate(trainer, sampler, scored)
-        if os.environ.get("BENCH_PYSPY"):
+        if os.environ.get("BENCH_PYSPY", "0") != "0":
             profile_sampling(proc.pid, sampler, prompts, args.samples, params, Path(args.out))
         if not skipped(args, "grpo"):
             gpu.mark()
