@@ -330,6 +330,7 @@ class VLLMEngineSampler:
         self._loading: dict[str, asyncio.Future] = {}
         self._in_flight: dict[str, int] = {}
         self._ids = itertools.count(1)
+        self.adapter_loads = AdapterLoadTimes()
         self._gate = AsyncLogprobGate()  # ids and top-k requests never share a batch
         # Sampling operations inside the engine now, and the most at once: the engine batches only what
         # reaches it, so a peak far below a step's prompt count means something upstream serialises.
@@ -381,7 +382,7 @@ class VLLMEngineSampler:
         live = not self._closed and engine is not None and not engine.errored
         return {"live": live, "backend": self.name, "mode": "engine", "base_model": self.base_model,
                 "loaded_adapters": len(self.loaded_adapters()), "max_lora_rank": self.max_lora_rank,
-                "max_cpu_loras": self.max_cpu_loras,
+                "max_cpu_loras": self.max_cpu_loras, "adapter_loads": self.adapter_loads.as_dict(),
                 "prompt_logprobs": self.prompt_logprobs_mode, "operations_in_flight": self.operations_in_flight,
                 "peak_operations_in_flight": self.peak_operations_in_flight, "model_runner": self.model_runner,
                 "logprobs_at_end": self.logprobs_at_end,
@@ -560,10 +561,13 @@ class VLLMEngineSampler:
         future = self._loop.create_future()
         self._loading[ref.name] = future
         lora = LoRARequest(lora_name=ref.name, lora_int_id=next(self._ids), lora_path=str(ref.path))
+        started = time.monotonic()
         try:
             # Loading up front (not lazily inside a batch) turns a bad adapter into an error for this
             # request only, and makes the first sample of a new version as fast as any other.
             await self._engine.add_lora(lora)
+            self.adapter_loads.record(time.monotonic() - started)
+            log.info("vllm sampler: adapter %s loaded into the engine in %.3f s", ref.name, self.adapter_loads.last_s)
         except Exception as exc:
             error = AdapterRejectedError(f"vLLM refused adapter {ref.name!r} ({type(exc).__name__}: {exc}); it was "
                                          f"loaded from {ref.path} onto {self.base_model}", ref.name, str(exc))
@@ -719,6 +723,33 @@ def write_identity_adapter(base_model: str, directory: str) -> Path:
         {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0,
          "bias": "none", "target_modules": ["o_proj"], "base_model_name_or_path": base_model}))
     return out
+
+
+@dataclass
+class AdapterLoadTimes:
+    """How long `add_lora` took, seen from the worker: the engine runs it between two steps, so every request
+    of every adapter waits meanwhile. A hot update (a new version after each save) pays one per RL step;
+    health reports these so that an operator (and a benchmark) sees what that costs on their machine."""
+
+    count: int = 0
+    total_s: float = 0.0
+    last_s: float | None = None
+    max_s: float = 0.0
+
+    def record(self, seconds: float) -> None:
+        self.count += 1
+        self.total_s += seconds
+        self.last_s = seconds
+        self.max_s = max(self.max_s, seconds)
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        mean = self.total_s / self.count if self.count else None
+        return {"count": self.count, "last_s": _rounded(self.last_s), "max_s": _rounded(self.max_s),
+                "mean_s": _rounded(mean)}
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 4)
 
 
 def cpu_lora_slots(max_loras: int, max_cpu_loras: int | None = None) -> int:

@@ -88,6 +88,7 @@ def test_new_version_changes_samples_and_old_version_keeps_its_weights(engine, h
     v1 = AdapterRef("tinker://run-v/sampler_weights/000001", make_adapter(tiny_model_path, tmp_path / "v1", 11), 8)
     v2 = AdapterRef("tinker://run-v/sampler_weights/000002", make_adapter(tiny_model_path, tmp_path / "v2", 12), 8)
     prompt = PROMPTS[0]
+    loads_before = engine.health()["adapter_loads"]["count"]
     first = greedy(engine, prompt, v1)
     second = greedy(engine, prompt, v2)
     assert second.tokens != first.tokens
@@ -97,6 +98,10 @@ def test_new_version_changes_samples_and_old_version_keeps_its_weights(engine, h
         results = list(pool.map(lambda ref: (ref, greedy(engine, prompt, ref)), [v1, v2] * 4))
     for ref, seq in results:
         assert seq.tokens == (first if ref is v1 else second).tokens
+    # Health counts each version's load into the engine once, however many requests asked for it.
+    loads = engine.health()["adapter_loads"]
+    assert loads["count"] == loads_before + 2
+    assert 0 < loads["last_s"] <= loads["max_s"] and loads["mean_s"] <= loads["max_s"]
     # A version overwritten on disk under a *new* name (what a re-save does) is read fresh.
     shutil.rmtree(tmp_path / "v1")
     make_adapter(tiny_model_path, tmp_path / "v1", 13)
