@@ -6,6 +6,7 @@
     python bench/gpu/plot_throughput.py bench/results --run 6 --png bench/results/throughput_run6.png
     python bench/gpu/plot_throughput.py bench/results --run 7 --png bench/results/throughput_run7.png
     python bench/gpu/plot_throughput.py bench/results --run 8 --png bench/results/throughput_run8.png
+    python bench/gpu/plot_throughput.py bench/results --run 9 --png bench/results/throughput_run9.png
 
 Run 3 reads one_gpu_7b_run3.json (bench_one_gpu.py), multi_adapter_gpu.txt (bench/bench_multi_adapter.py's
 table) and steering_0.5b.json (bench_steering.py); run 4 reads train_0.5b_gpu.json (bench/bench_train.py),
@@ -14,7 +15,9 @@ train_7b_gpu.json and train_7b_is_gpu.json, sampling_0.5b_run5.txt (bench/bench_
 steering_7b_run5.json and multi_adapter_gpu_run5.txt; run 6 reads sampling_0.5b_run6.txt (with the
 logprobs-at-end A/B) and steering_0.5b_run6.json; run 7 reads one_gpu_0.5b_run7.json and one_gpu_7b_run7.json
 (bench_one_gpu.py: sampling through the SDK against LLM.generate, 1 adapter and 8 mixed); run 8 reads
-one_gpu_0.5b_run8.json (with each SDK pass's timeline) and sampling_0.5b_run8.txt (the in-process passes). Needs matplotlib
+one_gpu_0.5b_run8.json (with each SDK pass's timeline) and sampling_0.5b_run8.txt (the in-process passes); run 9
+reads one_gpu_0.5b_run9.json and one_gpu_7b_run9.json (the reference no longer detokenizes), with run 8's 0.5B SDK
+passes beside them. Needs matplotlib
 (not a Tink dependency).
 """
 
@@ -40,15 +43,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--png", type=Path, required=True)
-    parser.add_argument("--run", type=int, default=3, choices=[3, 4, 5, 6, 7, 8])
+    parser.add_argument("--run", type=int, default=3, choices=[3, 4, 5, 6, 7, 8, 9])
     args = parser.parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if args.run in (4, 5, 6, 7, 8):
-        plots = {4: plot_run4, 5: plot_run5, 6: plot_run6, 7: plot_run7, 8: plot_run8}
+    if args.run in (4, 5, 6, 7, 8, 9):
+        plots = {4: plot_run4, 5: plot_run5, 6: plot_run6, 7: plot_run7, 8: plot_run8, 9: plot_run9}
         plots[args.run](args.folder, plt).savefig(args.png, dpi=110)
         return
     one = json.loads((args.folder / "one_gpu_7b_run3.json").read_text())
@@ -188,21 +191,44 @@ def plot_run6(folder: Path, plt):
 def plot_run7(folder: Path, plt):
     """Item 1 through the SDK, as users sample: each shape, 1 adapter and 8 mixed, best pass of each side (a
     shape whose direct reference the budget did not reach shows Tink's bars alone)."""
+    return sdk_vs_direct(folder, plt, 7, "* LLM.generate detokenized, Tink does not",
+                         "Tink through the SDK vs vLLM's LLM.generate, same batch, one H200 (2026-12-07, seventh run)")
+
+
+def plot_run9(folder: Path, plt):
+    """Item 1 against the fair reference (LLM.generate without detokenizing), both shapes on one H100; at 0.5B
+    the eighth run's SDK passes (same card class, before this session's logprob work) beside them."""
+    return sdk_vs_direct(folder, plt, 9, "",
+                         "Tink through the SDK vs vLLM's LLM.generate (no detokenizing), same batch, one H100 "
+                         "(2026-12-07, ninth run)", before={"0.5b": ("one_gpu_0.5b_run8.json", "Tink\n(SDK)\nrun 8")})
+
+
+def sdk_vs_direct(folder: Path, plt, run: int, caveat: str, title: str,
+                  before: dict[str, tuple[str, str]] | None = None):
+    """Per shape and row (1 adapter, 8 mixed): Tink's best SDK pass (its passes as dots), `LLM.generate` without
+    and with `logprobs=0`, and optionally an earlier run's SDK pass of that shape."""
     fig, axes = plt.subplots(1, 4, figsize=(22, 5.5))
     panels = [(shape, row) for shape in ("7b", "0.5b") for row in ("", "_mixed")]
     for ax, (shape, row) in zip(axes, panels):
-        one = json.loads((folder / f"one_gpu_{shape}_run7.json").read_text())
+        one = json.loads((folder / f"one_gpu_{shape}_run{run}.json").read_text())
         tink = one[f"sample{row}"]
         adapters = f"{tink['adapters']} adapters mixed" if row else "1 adapter"
-        bars = {"Tink\n(SDK)": tink["best_tok_s"]}
+        bars = {}
+        if before and shape in before:
+            file, label = before[shape]
+            bars[label] = json.loads((folder / file).read_text())[f"sample{row}"]["best_tok_s"]
+        tink_at = len(bars)
+        bars["Tink\n(SDK)"] = tink["best_tok_s"]
+        mark = "*" if caveat else ""
         for key, label in ((f"direct_vllm{row}", "vLLM\nno logprobs"), (f"direct_vllm_logprobs{row}", "vLLM\nlogprobs=0")):
             if key in one:
-                bars[label] = one[key]["tok_s"]
-        goal = f"goal: >= {0.9 if row else 0.95}x LLM.generate" if len(bars) > 1 else "LLM.generate not reached (budget)"
-        labelled_bars(ax, bars, ["#2a7", "#468", "#8ab"][:len(bars)],
+                bars[label + mark] = one[key]["tok_s"]
+        goal = f"goal: >= {0.9 if row else 0.95}x LLM.generate" if len(bars) > tink_at + 1 else "LLM.generate not reached (budget)"
+        colors = ["#bbb"] * tink_at + ["#2a7", "#468", "#8ab"]
+        labelled_bars(ax, bars, colors[:len(bars)],
                       f"sampling {shape}, {adapters}, best of {len(tink['reps_tok_s'])}\n({goal})", "tokens / s")
-        ax.plot([0] * len(tink["reps_tok_s"]), tink["reps_tok_s"], "k.", alpha=0.6)
-    fig.suptitle("Tink through the SDK vs vLLM's LLM.generate, same batch, one H200 (2026-12-07, seventh run)")
+        ax.plot([tink_at] * len(tink["reps_tok_s"]), tink["reps_tok_s"], "k.", alpha=0.6)
+    fig.suptitle(title + (f"\n{caveat}" if caveat else ""))
     fig.tight_layout()
     return fig
 
