@@ -37,5 +37,7 @@ def test_the_one_gpu_bench_measures_every_row_on_a_tiny_model(tmp_path):
         # the reference does Tink's work, no more: tokens (and logprobs), no text
         assert result[reference]["tokens"] > 0 and result[reference]["text_chars"] == 0
     assert set(result["health_after"]["sampler"]["served"]) == {"vllm"}  # no request went to the HF fallback
+    # each adapter version's load into the engine is timed, as the worker saw it (the mixed pass has 3 of its own)
+    assert result["health_after"]["sampler"]["primary_health"]["adapter_loads"]["count"] >= 3
     assert result["compute_logprobs"]["vs_trainer"]["max"] < 1e-3
     assert result["after_sigkill"]["children_before"] > 0 and result["after_sigkill"]["children_left"] == []
