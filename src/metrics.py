@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from .sampler_fallback import FallbackSampler
@@ -147,9 +147,12 @@ class _LiveState(Collector):
                                 "sampler (vLLM) to the HF fallback because it failed."),
             CounterMetricFamily("tink_sampler_adapter_refusals", "Sampling requests whose adapter the requested "
                                 "sampler (vLLM) refused; the fallback served them."),
+            SummaryMetricFamily("tink_sampler_adapter_load_seconds", "Adapter versions loaded into the sampler's "
+                                "engine, and the seconds it took (vLLM runs a load between two steps: every "
+                                "request waits meanwhile).", labels=["sampler"]),
         ]
 
-    def _add_sampler(self, loaded, live, active, switches, refusals) -> None:
+    def _add_sampler(self, loaded, live, active, switches, refusals, load_seconds) -> None:
         sampler = self.worker.sampler
         fallback = sampler if isinstance(sampler, FallbackSampler) else None
         events = fallback.events() if fallback else {}
@@ -161,6 +164,9 @@ class _LiveState(Collector):
             health = _health(leaf)
             if "loaded_adapters" in health:
                 loaded.add_metric([leaf.name], health["loaded_adapters"])
+            if "adapter_loads" in health:
+                loads = health["adapter_loads"]
+                load_seconds.add_metric([leaf.name], count_value=loads["count"], sum_value=loads["total_s"])
             live.add_metric([leaf.name], 1 if health.get("live") else 0)
             active.add_metric([leaf.name], 1 if leaf is current else 0)
 

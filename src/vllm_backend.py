@@ -744,8 +744,8 @@ class AdapterLoadTimes:
 
     def as_dict(self) -> dict[str, float | int | None]:
         mean = self.total_s / self.count if self.count else None
-        return {"count": self.count, "last_s": _rounded(self.last_s), "max_s": _rounded(self.max_s),
-                "mean_s": _rounded(mean)}
+        return {"count": self.count, "total_s": _rounded(self.total_s), "last_s": _rounded(self.last_s),
+                "max_s": _rounded(self.max_s), "mean_s": _rounded(mean)}
 
 
 def _rounded(seconds: float | None) -> float | None:

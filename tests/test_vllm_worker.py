@@ -16,6 +16,7 @@ from tests import vllm_fixtures
 from tests.vllm_fixtures import requires_vllm
 
 from .conftest import API_KEY, OTHER_KEY, free_port, serving
+from .test_metrics import delta, scrape
 from .test_sample_api import (
     check_gap_is_small,
     check_perplexity_agrees,
@@ -86,6 +87,7 @@ def test_each_saved_version_is_served_with_its_own_weights(vllm_server, hf_sampl
     datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
                         loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
     prompt, scored = tokens[:4], tokens[:20]
+    loads_before = scrape(url)
     versions = []
     for step in range(3):  # train, then serve each new version right after its save (the RL loop)
         tc.forward_backward([datum], "cross_entropy").result()
@@ -103,6 +105,10 @@ def test_each_saved_version_is_served_with_its_own_weights(vllm_server, hf_sampl
         np.testing.assert_allclose(logprobs[1:], reference_lps[1:], atol=1e-4)
     # Training moved the weights, so each version scored the same tokens differently.
     assert not np.allclose(versions[0][2][1:], versions[-1][2][1:], atol=1e-3)
+    # Each hot update's load into the engine is counted and timed for Prometheus.
+    loads_after = scrape(url)
+    assert delta(loads_before, loads_after, "tink_sampler_adapter_load_seconds_count", sampler="vllm") == 3
+    assert delta(loads_before, loads_after, "tink_sampler_adapter_load_seconds_sum", sampler="vllm") > 0
 
 
 def test_logprob_gap_vllm_vs_trainer(vllm_server):
