@@ -71,4 +71,5 @@ def test_worker_health_is_degraded_while_the_trl_server_is_down(trl_cpu_server, 
     health = worker.health()
     assert health["status"] == "degraded", health
     assert health["reasons"] == [f"sampler vllm-trl at {trl_cpu_server.url} is down"]
+    worker._expiry_sweeper.stop()  # before the store closes (not worker.close(): the samplers are the session's)
     worker.store.close()

@@ -49,7 +49,10 @@ def vllm_server(tiny_model_path, tmp_path_factory, vllm_engine, hf_sampler):
     worker = Worker(config, trainer, FallbackSampler(vllm_engine, hf_sampler, retry_s=1.0), Store(config.database_path))
     with serving(create_app(config, worker), config) as url:
         yield url, worker
-    worker.scheduler.shutdown(10)  # not worker.close(): the engine belongs to the whole session
+    # not worker.close(): the engine belongs to the whole session. Its checkpoint sweeper must stop before the
+    # store closes, or a sweep due later fails on the closed database (seen at interpreter exit in CI's log).
+    worker._expiry_sweeper.stop()
+    worker.scheduler.shutdown(10)
     worker.store.close()
 
 
